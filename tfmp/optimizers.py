@@ -1,0 +1,424 @@
+"""`LossScaleOptimizer`: Keras' loss scaling, bounded, and safe for the weights.
+
+The core update is written with `keras.ops` and works on every Keras backend;
+the `tf.distribute` path is in `_tf_apply` and says so.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import keras
+from keras import ops
+
+# State kept by the optimizer, in the order of its variables (after Keras'
+# own `iteration` and `learning_rate`). Each field:
+#   step_counter          finite steps since the scale last changed upwards or
+#                         since the last non-finite step; the scale grows when
+#                         it reaches `dynamic_growth_steps`.
+#   dynamic_scale         the current loss scale, always in [min_scale, max_scale].
+#   hysteresis_left       non-finite steps still tolerated before the scale is
+#                         lowered; reset to `hysteresis` on every growth.
+#   skipped_steps         total steps skipped for non-finite gradients.
+#   consecutive_skipped   steps skipped in a row (0 after any applied step).
+_STATE = (
+    ("step_counter", "int"),
+    ("dynamic_scale", "float32"),
+    ("hysteresis_left", "int"),
+    ("skipped_steps", "int"),
+    ("consecutive_skipped", "int"),
+)
+
+
+def _check(condition: bool, argument: str, value, allowed: str) -> None:
+    if not condition:
+        raise ValueError(f"`{argument}` must be {allowed}. Received: {argument}={value!r}")
+
+
+@keras.saving.register_keras_serializable(package="tfmp")
+class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
+    """Dynamic (or fixed) loss scaling that never writes a non-finite value into a weight.
+
+    A drop-in subclass of `keras.optimizers.LossScaleOptimizer`. Over Keras' class it
+    bounds the scale to `[min_scale, max_scale]` (Keras' doubles to `inf` and halves
+    to 0), decides skip-or-apply from the gradients of *all* replicas under
+    `tf.distribute` (Keras' checks replica 0 only), supports a fixed scale
+    (`dynamic=False`), DeepSpeed-style hysteresis, the tf-keras custom-loop API
+    (`get_scaled_loss`, `get_unscaled_gradients`), and exposes counters.
+
+    The algorithm, for each call of `apply(grads)`:
+
+        g = grads / scale                     # unless already unscaled by the user
+        if tf.distribute: g = all_reduce_sum(g)   # before the check and the clipping
+        finite = all(isfinite(g))
+        if finite:
+            inner_optimizer.apply(g)          # clipping, weight decay, EMA, accumulation
+            consecutive_skipped = 0
+            step_counter += 1
+            if dynamic and step_counter == dynamic_growth_steps:
+                scale = min(scale * growth_factor, max_scale)
+                step_counter = 0
+                hysteresis_left = hysteresis
+        else:                                 # weights and inner state untouched
+            skipped_steps += 1; consecutive_skipped += 1
+            step_counter = 0
+            if dynamic:
+                if hysteresis_left <= 1:
+                    scale = max(scale * backoff_factor, min_scale)
+                else:
+                    hysteresis_left -= 1
+
+    `iterations` counts applied steps only, so learning-rate schedules do not
+    advance on skipped steps. With `enabled=False` gradients go straight to the
+    inner optimizer and the loss is not scaled, so one script serves every policy.
+
+    Args:
+        inner_optimizer: The `keras.optimizers.Optimizer` to wrap (not itself a
+            `LossScaleOptimizer`). Under `tf.distribute` the wrapper all-reduces
+            the gradients, so the inner optimizer must only be used through it.
+        initial_scale: The starting loss scale, in `[min_scale, max_scale]`.
+        dynamic_growth_steps: Finite steps in a row after which the scale grows.
+        dynamic: If False, the scale stays at `initial_scale` for good;
+            non-finite steps are still skipped.
+        growth_factor: Factor (> 1) applied on growth.
+        backoff_factor: Factor in (0, 1) applied when the scale is lowered.
+        min_scale: Smallest scale (> 0).
+        max_scale: Largest scale (finite, >= min_scale).
+        hysteresis: Non-finite steps (>= 1) since the last growth before the
+            scale is lowered; each is still skipped.
+        enabled: If False, no scaling and no skipping.
+        name: Optional name.
+
+    Example:
+
+        opt = tfmp.LossScaleOptimizer(keras.optimizers.Adam(1e-3))
+        model.compile(optimizer=opt, loss="mse")
+        model.fit(x, y)
+        print(float(opt.loss_scale), int(opt.skipped_steps))
+
+    In a custom loop (tf-keras style):
+
+        with tf.GradientTape() as tape:
+            loss = loss_fn(y, model(x))
+            scaled_loss = opt.get_scaled_loss(loss)
+        grads = opt.get_unscaled_gradients(tape.gradient(scaled_loss, model.trainable_variables))
+        opt.apply_gradients(zip(grads, model.trainable_variables))
+    """
+
+    def __init__(
+        self,
+        inner_optimizer,
+        initial_scale: float = 2.0**15,
+        dynamic_growth_steps: int = 2000,
+        *,
+        dynamic: bool = True,
+        growth_factor: float = 2.0,
+        backoff_factor: float = 0.5,
+        min_scale: float = 1.0,
+        max_scale: float = 2.0**24,
+        hysteresis: int = 1,
+        enabled: bool = True,
+        name: str | None = None,
+        **kwargs,
+    ):
+        if isinstance(inner_optimizer, keras.optimizers.LossScaleOptimizer):
+            raise ValueError(
+                "`inner_optimizer` is already a LossScaleOptimizer and cannot be wrapped "
+                f"again. Received: inner_optimizer={inner_optimizer!r}; pass the optimizer "
+                "it wraps instead."
+            )
+        _check(
+            isinstance(inner_optimizer, keras.optimizers.Optimizer),
+            "inner_optimizer", inner_optimizer, "a `keras.optimizers.Optimizer` instance",
+        )
+        _check(growth_factor > 1, "growth_factor", growth_factor, "> 1")
+        _check(0 < backoff_factor < 1, "backoff_factor", backoff_factor, "in (0, 1)")
+        _check(min_scale > 0, "min_scale", min_scale, "> 0")
+        _check(math.isfinite(max_scale), "max_scale", max_scale, "finite")
+        _check(min_scale <= max_scale, "min_scale", min_scale, f"<= max_scale ({max_scale})")
+        _check(
+            min_scale <= initial_scale <= max_scale, "initial_scale", initial_scale,
+            f"in [min_scale, max_scale] = [{min_scale}, {max_scale}]",
+        )
+        _check(
+            isinstance(dynamic_growth_steps, int) and dynamic_growth_steps >= 1,
+            "dynamic_growth_steps", dynamic_growth_steps, "an integer >= 1",
+        )
+        _check(
+            isinstance(hysteresis, int) and hysteresis >= 1,
+            "hysteresis", hysteresis, "an integer >= 1",
+        )
+        super().__init__(
+            inner_optimizer, initial_scale, dynamic_growth_steps, name=name, **kwargs
+        )
+        self.dynamic = bool(dynamic)
+        self.growth_factor = float(growth_factor)
+        self.backoff_factor = float(backoff_factor)
+        self.min_scale = float(min_scale)
+        self.max_scale = float(max_scale)
+        self.hysteresis = int(hysteresis)
+        self.enabled = bool(enabled)
+        # Set by `get_unscaled_gradients` for the next `apply` on the same thread
+        # (replicas of a MirroredStrategy run on threads of their own).
+        self._unscaled_by_user = threading.local()
+        if keras.backend.backend() == "tensorflow":
+            # The wrapper all-reduces before checking and unscaling, so the inner
+            # optimizer must not sum the (already summed) gradients again.
+            inner_optimizer._all_reduce_sum_gradients = list
+
+    # ----------------------------------------------------------------- state
+    @keras.src.utils.tracking.no_automatic_dependency_tracking
+    def build(self, var_list):
+        initial = {
+            "dynamic_scale": self.initial_scale,
+            "hysteresis_left": self.hysteresis,
+        }
+        self._state_vars = [
+            self.add_variable(
+                shape=(), dtype=dtype, name=name,
+                initializer=keras.initializers.Constant(initial.get(name, 0)),
+                aggregation="only_first_replica",
+            )
+            for name, dtype in _STATE
+        ]
+        # Keras' class names these two; they stay readable under the same names.
+        self.step_counter, self.dynamic_scale = self._state_vars[:2]
+        # 1 where the variable's gradient was non-finite on the last step.
+        self.nonfinite_mask = self.add_variable(
+            shape=(len(var_list),), dtype="int32", name="nonfinite_mask",
+            initializer="zeros", aggregation="only_first_replica",
+        )
+        self.inner_optimizer.build(var_list)
+        keras.optimizers.Optimizer.build(self, var_list)
+
+    @property
+    def loss_scale(self):
+        """The current loss scale (a scalar variable once built)."""
+        if not self.enabled:
+            return 1.0
+        return self.dynamic_scale if self.built else self.initial_scale
+
+    @property
+    def skipped_steps(self):
+        """Total number of steps skipped for non-finite gradients."""
+        return self._state_vars[3] if self.built else 0
+
+    @property
+    def consecutive_skipped_steps(self):
+        """Steps skipped in a row up to now (0 after an applied step)."""
+        return self._state_vars[4] if self.built else 0
+
+    @property
+    def last_step_skipped(self):
+        """Whether the last step was skipped (a boolean tensor once built)."""
+        return ops.greater(self._state_vars[4], 0) if self.built else False
+
+    def nonfinite_variables(self) -> list[str]:
+        """Paths of the variables whose gradients were non-finite on the last step."""
+        if not self.built:
+            return []
+        mask = ops.convert_to_numpy(self.nonfinite_mask)
+        return [v.path for v, bad in zip(self._trainable_variables, mask) if bad]
+
+    def _next_state(self, finite, state):
+        """Pure state transition for one step; `state` follows `_STATE`."""
+        counter, scale, hyst_left, skipped, consecutive = state
+        not_finite = ops.logical_not(finite)
+        one = ops.ones_like(counter)
+        skipped = ops.where(finite, skipped, skipped + one)
+        consecutive = ops.where(finite, ops.zeros_like(consecutive), consecutive + one)
+        if not self.dynamic:
+            return [ops.zeros_like(counter), scale, hyst_left, skipped, consecutive]
+        grow = ops.logical_and(finite, ops.greater_equal(counter + one, self.dynamic_growth_steps))
+        lower = ops.logical_and(not_finite, ops.less_equal(hyst_left, 1))
+        new_scale = ops.where(
+            grow,
+            ops.minimum(scale * self.growth_factor, self.max_scale),
+            ops.where(lower, ops.maximum(scale * self.backoff_factor, self.min_scale), scale),
+        )
+        counter = ops.where(ops.logical_or(grow, not_finite), ops.zeros_like(counter), counter + one)
+        hyst_left = ops.where(
+            grow,
+            ops.full_like(hyst_left, self.hysteresis),
+            ops.where(ops.logical_and(not_finite, ops.greater(hyst_left, 1)), hyst_left - one,
+                      hyst_left),
+        )
+        return [counter, ops.cast(new_scale, "float32"), hyst_left, skipped, consecutive]
+
+    # ------------------------------------------------------- loss and grads
+    def scale_loss(self, loss):
+        """Returns `loss * loss_scale` (float32), or `loss` when disabled."""
+        if not self.enabled:
+            return loss
+        return ops.multiply(ops.cast(loss, "float32"), self.loss_scale)
+
+    def get_scaled_loss(self, loss):
+        """tf-keras name for `scale_loss`."""
+        return self.scale_loss(loss)
+
+    def get_unscaled_gradients(self, grads):
+        """Divides gradients of a scaled loss by the scale (tf-keras API).
+
+        The next `apply`/`apply_gradients` on this thread then takes the
+        gradients as already unscaled and does not divide them again.
+
+        Args:
+            grads: A list of gradients (`None` entries are kept).
+
+        Returns:
+            The list of unscaled gradients.
+        """
+        if not self.enabled:
+            return list(grads)
+        self._unscaled_by_user.value = True
+        return [None if g is None else ops.divide(g, ops.cast(self.loss_scale, g.dtype))
+                for g in grads]
+
+    def _unscale(self, grads, trainable_variables, scale):
+        return [
+            g if g is None or self._overwrite_variable_with_gradient(v)
+            else ops.divide(g, ops.cast(scale, g.dtype))
+            for g, v in zip(grads, trainable_variables)
+        ]
+
+    def _finite_mask(self, grads, trainable_variables):
+        """Per-variable finiteness, ordered as the variables the optimizer was built on."""
+        flags = [ops.convert_to_tensor(True)] * len(self._trainable_variables)
+        for g, v in zip(grads, trainable_variables):
+            if g is not None:
+                i = self._get_variable_index(v)
+                flags[i] = ops.logical_and(flags[i], ops.all(ops.isfinite(g)))
+        mask = ops.stack(flags) if flags else ops.ones((0,), "bool")
+        return mask, ops.all(mask)
+
+    def check_finite(self, grads):
+        """Whether every gradient in `grads` is finite."""
+        flags = [ops.all(ops.isfinite(g)) for g in grads if g is not None]
+        return ops.all(ops.stack(flags)) if flags else ops.convert_to_tensor(True)
+
+    # ----------------------------------------------------------------- apply
+    def _prepare(self, grads, trainable_variables, scale):
+        """Unscales `grads` unless `get_unscaled_gradients` already did."""
+        tvs = list(trainable_variables or self._trainable_variables)
+        if getattr(self._unscaled_by_user, "value", False):
+            self._unscaled_by_user.value = False
+            return list(grads), tvs
+        return self._unscale(grads, tvs, scale), tvs
+
+    def apply(self, grads, trainable_variables=None):
+        if not self.built:
+            with keras.name_scope(self.name, caller=self):
+                self.build(trainable_variables)
+            self.built = True
+        if not self.enabled:
+            self.inner_optimizer.apply(grads, trainable_variables)
+        elif keras.backend.backend() == "tensorflow":
+            self._tf_apply(grads, trainable_variables)
+        else:
+            grads, tvs = self._prepare(grads, trainable_variables, self.dynamic_scale)
+            self._common_apply(grads, tvs, trainable_variables)
+
+    def _common_apply(self, grads, tvs, trainable_variables):
+        """Checks, applies or skips, and updates the state (replica or local context)."""
+        mask, finite = self._finite_mask(grads, tvs)
+        ops.cond(
+            finite,
+            lambda: self.inner_optimizer.apply(grads, trainable_variables),
+            lambda: None,
+        )
+        self._assign_state(finite, mask)
+
+    def _assign_state(self, finite, mask):
+        state_vars = self._state_vars
+        for var, value in zip(state_vars, self._next_state(finite, [v.value for v in state_vars])):
+            var.assign(value)
+        self.nonfinite_mask.assign(ops.cast(ops.logical_not(mask), "int32"))
+
+    def _tf_apply(self, grads, trainable_variables=None):
+        """TensorFlow only: `tf.distribute`-aware apply.
+
+        Gradients are all-reduced *before* the finiteness check, so a non-finite
+        gradient on any replica makes every replica skip the same step, and the
+        inner optimizer's clipping sees the global gradient.
+        """
+        import tensorflow as tf
+
+        if tf.distribute.in_cross_replica_context():
+            raise ValueError("apply() must be called in a replica context.")
+        grads, tvs = self._prepare(grads, trainable_variables, self.dynamic_scale)
+        if not tf.distribute.has_strategy():
+            return self._common_apply(grads, tvs, trainable_variables)
+        ctx = tf.distribute.get_replica_context()
+        if ctx.num_replicas_in_sync > 1:
+            present = [i for i, g in enumerate(grads) if g is not None]
+            reduced = ctx.all_reduce(tf.distribute.ReduceOp.SUM, [grads[i] for i in present])
+            for i, g in zip(present, reduced):
+                grads[i] = g
+        if tf.__internal__.distribute.strategy_supports_no_merge_call():
+            return self._common_apply(grads, tvs, trainable_variables)
+
+        mask_per_replica = self._finite_mask(grads, tvs)[0]
+
+        def cross_replica(distribution, grads, mask_per_replica):
+            # The gradients were all-reduced, so every replica holds the same mask.
+            mask = distribution.experimental_local_results(mask_per_replica)[0]
+            finite = ops.all(mask)
+
+            def apply_fn():
+                distribution.extended.call_for_each_replica(
+                    self.inner_optimizer.apply, args=(grads, trainable_variables)
+                )
+
+            # The cond must be built in cross-replica context: the inner
+            # optimizer's apply calls merge_call.
+            ops.cond(finite, apply_fn, lambda: None)
+            self._assign_state(finite, mask)
+
+        ctx.merge_call(cross_replica, args=(grads, mask_per_replica))
+
+    def stateless_apply(self, optimizer_variables, grads, trainable_variables):
+        """Stateless apply (JAX); same algorithm as `apply`."""
+        if not self.built:
+            raise ValueError(
+                f"To call `stateless_apply`, {self.__class__.__name__} must be built "
+                "(call `optimizer.build(trainable_variables)`)."
+            )
+        n_own = len(self._variables)
+        own, inner = list(optimizer_variables[:n_own]), list(optimizer_variables[n_own:])
+        if not self.enabled:
+            new_tvs, new_inner = self.inner_optimizer.stateless_apply(
+                inner, grads, trainable_variables)
+            return new_tvs, own + list(new_inner)
+        index = {id(v): i for i, v in enumerate(self._variables)}
+        state_idx = [index[id(v)] for v in self._state_vars]
+        scale = own[index[id(self.dynamic_scale)]]
+        grads, tvs = self._prepare(grads, None, scale)
+        mask, finite = self._finite_mask(grads, tvs)
+        new_state = self._next_state(finite, [own[i] for i in state_idx])
+        for i, value in zip(state_idx, new_state):
+            own[i] = value
+        own[index[id(self.nonfinite_mask)]] = ops.cast(ops.logical_not(mask), "int32")
+
+        def apply_fn():
+            new_tvs, new_inner = self.inner_optimizer.stateless_apply(
+                inner, grads, trainable_variables)
+            return list(new_tvs), list(new_inner)
+
+        new_tvs, new_inner = ops.cond(
+            finite, apply_fn, lambda: (list(trainable_variables), inner))
+        return new_tvs, own + list(new_inner)
+
+    # ---------------------------------------------------------------- config
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            dynamic=self.dynamic,
+            growth_factor=self.growth_factor,
+            backoff_factor=self.backoff_factor,
+            min_scale=self.min_scale,
+            max_scale=self.max_scale,
+            hysteresis=self.hysteresis,
+            enabled=self.enabled,
+        )
+        return config
