@@ -1,8 +1,27 @@
 """Shared test base: every test starts and ends with a float32 global policy."""
 
+import shutil
+import tempfile
+
 import keras
 import numpy as np
 from absl.testing import parameterized
+
+_STRATEGY = None
+
+
+def two_replica_strategy():
+    """One MirroredStrategy over the two logical CPUs, shared by all tests.
+
+    TensorFlow's collective ops keep per-process instance keys: a second
+    strategy built in the same process can collide with the first one.
+    """
+    global _STRATEGY
+    if _STRATEGY is None:
+        import tensorflow as tf
+
+        _STRATEGY = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    return _STRATEGY
 
 
 class TestCase(parameterized.TestCase):
@@ -18,6 +37,12 @@ class TestCase(parameterized.TestCase):
         keras.config.set_dtype_policy("float32")
         keras.backend.clear_session()
         super().tearDown()
+
+    def tmp_dir(self) -> str:
+        """A fresh temporary directory, removed after the test."""
+        path = tempfile.mkdtemp(prefix="tfmp-test-")
+        self.addCleanup(shutil.rmtree, path, ignore_errors=True)
+        return path
 
     def assertAllFinite(self, values, msg=None):
         for v in values if isinstance(values, (list, tuple)) else [values]:

@@ -1,1 +1,123 @@
-"""placeholder"""
+"""Keras callbacks that show what loss scaling does during `fit`.
+
+The TensorBoard writer uses `tf.summary` (TensorFlow only, imported when
+`log_dir` is given); the rest works on every backend.
+"""
+
+from __future__ import annotations
+
+import keras
+from keras import ops
+
+__all__ = ["LossScaleError", "LossScaleMonitor"]
+
+
+class LossScaleError(RuntimeError):
+    """Raised when loss scaling cannot rescue training any more."""
+
+
+def _loss_scale_optimizer(model):
+    opt = getattr(model, "optimizer", None)
+    return opt if isinstance(opt, keras.optimizers.LossScaleOptimizer) else None
+
+
+@keras.saving.register_keras_serializable(package="tfmp")
+class LossScaleMonitor(keras.callbacks.Callback):
+    """Logs the loss scale and skipped steps, and stops hopeless runs.
+
+    Adds `loss_scale` and `skipped_steps` to the logs that `fit` prints and
+    returns in `History`, writes them as TensorBoard scalars (one point per
+    optimizer step, applied or skipped) when `log_dir` is given, and raises
+    `LossScaleError` once `max_consecutive_skips` steps in a row were skipped
+    with the scale at its minimum (or fixed): loss scaling cannot fix that, the
+    model itself produces inf/NaN. The error names the variables whose
+    gradients were non-finite on the last step.
+
+    Works with `tfmp.LossScaleOptimizer`; with Keras' own class it logs the
+    scale only. Does nothing when the model's optimizer scales no loss.
+
+    Args:
+        log_dir: Directory for TensorBoard event files, or None.
+        max_consecutive_skips: Skipped steps in a row (>= 1) at the minimum
+            scale after which training stops; None never stops.
+
+    Example:
+
+        model.compile(optimizer=tfmp.LossScaleOptimizer(keras.optimizers.Adam()), loss="mse")
+        history = model.fit(x, y, callbacks=[tfmp.callbacks.LossScaleMonitor("logs")])
+        history.history["loss_scale"]
+    """
+
+    def __init__(self, log_dir: str | None = None, max_consecutive_skips: int | None = 100):
+        super().__init__()
+        if max_consecutive_skips is not None and (
+            not isinstance(max_consecutive_skips, int) or max_consecutive_skips < 1
+        ):
+            raise ValueError(
+                "`max_consecutive_skips` must be an integer >= 1 or None. "
+                f"Received: max_consecutive_skips={max_consecutive_skips!r}"
+            )
+        self.log_dir = log_dir
+        self.max_consecutive_skips = max_consecutive_skips
+        self._writer = None
+
+    def get_config(self) -> dict:
+        return {"log_dir": self.log_dir, "max_consecutive_skips": self.max_consecutive_skips}
+
+    def _values(self, opt) -> dict:
+        logs = {"loss_scale": float(ops.convert_to_numpy(opt.dynamic_scale))}
+        if hasattr(opt, "skipped_steps"):
+            logs["skipped_steps"] = int(ops.convert_to_numpy(opt.skipped_steps))
+        return logs
+
+    def on_train_begin(self, logs=None):
+        if self.log_dir and _loss_scale_optimizer(self.model) is not None:
+            import tensorflow as tf
+
+            self._writer = tf.summary.create_file_writer(self.log_dir)
+
+    def on_train_batch_end(self, batch, logs=None):
+        opt = _loss_scale_optimizer(self.model)
+        if opt is None or not opt.built:
+            return
+        values = self._values(opt)
+        if logs is not None:
+            logs.update(values)
+        if self._writer is not None:
+            self._write(opt, values)
+        self._check_hopeless(opt, values)
+
+    def on_epoch_end(self, epoch, logs=None):
+        opt = _loss_scale_optimizer(self.model)
+        if opt is not None and opt.built and logs is not None:
+            logs.update(self._values(opt))
+
+    def on_train_end(self, logs=None):
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def _write(self, opt, values):
+        import tensorflow as tf
+
+        step = int(ops.convert_to_numpy(opt.iterations)) + values.get("skipped_steps", 0)
+        with self._writer.as_default(step=step):
+            for name, value in values.items():
+                tf.summary.scalar(name, value)
+
+    def _check_hopeless(self, opt, values):
+        if self.max_consecutive_skips is None or not hasattr(opt, "consecutive_skipped_steps"):
+            return
+        consecutive = int(ops.convert_to_numpy(opt.consecutive_skipped_steps))
+        at_floor = not opt.dynamic or values["loss_scale"] <= opt.min_scale
+        if consecutive < self.max_consecutive_skips or not at_floor:
+            return
+        names = opt.nonfinite_variables()
+        self.model.stop_training = True
+        raise LossScaleError(
+            f"{consecutive} training steps in a row were skipped for non-finite gradients "
+            f"with the loss scale at its minimum ({values['loss_scale']:g}). Loss scaling "
+            "cannot fix this: the model computes inf/NaN itself (NaN or inf in the data, a "
+            "layer that overflows float16, or a learning rate that is too high). Variables "
+            f"with non-finite gradients on the last step: {', '.join(names) or 'none recorded'}."
+        )

@@ -219,7 +219,7 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
         if not self.built:
             return []
         mask = ops.convert_to_numpy(self.nonfinite_mask)
-        return [v.path for v, bad in zip(self._trainable_variables, mask) if bad]
+        return [v.path for v, bad in zip(self._trainable_variables, mask, strict=True) if bad]
 
     def _next_state(self, finite, state):
         """Pure state transition for one step; `state` follows `_STATE`."""
@@ -237,7 +237,8 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
             ops.minimum(scale * self.growth_factor, self.max_scale),
             ops.where(lower, ops.maximum(scale * self.backoff_factor, self.min_scale), scale),
         )
-        counter = ops.where(ops.logical_or(grow, not_finite), ops.zeros_like(counter), counter + one)
+        reset = ops.logical_or(grow, not_finite)
+        counter = ops.where(reset, ops.zeros_like(counter), counter + one)
         hyst_left = ops.where(
             grow,
             ops.full_like(hyst_left, self.hysteresis),
@@ -279,13 +280,13 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
         return [
             g if g is None or self._overwrite_variable_with_gradient(v)
             else ops.divide(g, ops.cast(scale, g.dtype))
-            for g, v in zip(grads, trainable_variables)
+            for g, v in zip(grads, trainable_variables, strict=True)
         ]
 
     def _finite_mask(self, grads, trainable_variables):
         """Per-variable finiteness, ordered as the variables the optimizer was built on."""
         flags = [ops.convert_to_tensor(True)] * len(self._trainable_variables)
-        for g, v in zip(grads, trainable_variables):
+        for g, v in zip(grads, trainable_variables, strict=True):
             if g is not None:
                 i = self._get_variable_index(v)
                 flags[i] = ops.logical_and(flags[i], ops.all(ops.isfinite(g)))
@@ -330,8 +331,8 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
         self._assign_state(finite, mask)
 
     def _assign_state(self, finite, mask):
-        state_vars = self._state_vars
-        for var, value in zip(state_vars, self._next_state(finite, [v.value for v in state_vars])):
+        new_state = self._next_state(finite, [v.value for v in self._state_vars])
+        for var, value in zip(self._state_vars, new_state, strict=True):
             var.assign(value)
         self.nonfinite_mask.assign(ops.cast(ops.logical_not(mask), "int32"))
 
@@ -353,7 +354,7 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
         if ctx.num_replicas_in_sync > 1:
             present = [i for i, g in enumerate(grads) if g is not None]
             reduced = ctx.all_reduce(tf.distribute.ReduceOp.SUM, [grads[i] for i in present])
-            for i, g in zip(present, reduced):
+            for i, g in zip(present, reduced, strict=True):
                 grads[i] = g
         if tf.__internal__.distribute.strategy_supports_no_merge_call():
             return self._common_apply(grads, tvs, trainable_variables)
@@ -396,7 +397,7 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
         grads, tvs = self._prepare(grads, None, scale)
         mask, finite = self._finite_mask(grads, tvs)
         new_state = self._next_state(finite, [own[i] for i in state_idx])
-        for i, value in zip(state_idx, new_state):
+        for i, value in zip(state_idx, new_state, strict=True):
             own[i] = value
         own[index[id(self.nonfinite_mask)]] = ops.cast(ops.logical_not(mask), "int32")
 
@@ -410,6 +411,10 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
         return new_tvs, own + list(new_inner)
 
     # ---------------------------------------------------------------- config
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        return super().from_config(dict(config), custom_objects=custom_objects)
+
     def get_config(self):
         config = super().get_config()
         config.update(

@@ -66,7 +66,8 @@ def _gpu_capabilities() -> list[tuple[int, int]]:
             import torch
 
             if torch.cuda.is_available():
-                return [torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]
+                count = torch.cuda.device_count()
+                return [torch.cuda.get_device_capability(i) for i in range(count)]
         if backend == "jax":
             import jax
 

@@ -1,0 +1,450 @@
+"""Tests for tfmp.LossScaleOptimizer.
+
+Each `_check_*` helper states one behaviour; the tfmp test runs it on tfmp's
+class, and where Keras' own class gets it wrong a `test_stock_*` case shows that
+the same check fails on `keras.optimizers.LossScaleOptimizer`.
+"""
+
+import os
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl.testing import parameterized
+from keras import ops
+
+import tfmp
+from tests.base import TestCase, two_replica_strategy
+
+STOCK = keras.optimizers.LossScaleOptimizer
+
+
+def _scale(opt):
+    return float(ops.convert_to_numpy(opt.scale_loss(1.0)))
+
+
+def _int(x):
+    return int(np.asarray(ops.convert_to_numpy(x)))
+
+
+def _var(values=(1.0, 2.0)):
+    return keras.Variable(np.array(values, "float32"))
+
+
+def _grad(values):
+    return ops.convert_to_tensor(np.array(values, "float32"))
+
+
+class BoundsTest(TestCase):
+    """Stock failures 1 and 2: the scale climbs to inf or falls to 0."""
+
+    def _check_scale_has_ceiling(self, cls):
+        # Gradients that never overflow: the scale grows every step.
+        opt = cls(keras.optimizers.SGD(0.01), initial_scale=2.0**15, dynamic_growth_steps=1)
+        v = _var()
+        for _ in range(120):  # 2**15 * 2**120 is past float32's range
+            opt.apply([_grad([1.0, 1.0]) * opt.scale_loss(1.0)], [v])
+        self.assertTrue(np.isfinite(_scale(opt)), f"scale became {_scale(opt)}")
+        before = v.numpy().copy()
+        opt.apply([_grad([1.0, 1.0]) * opt.scale_loss(1.0)], [v])
+        self.assertFalse(np.allclose(before, v.numpy()), "a clean step was not applied")
+        self.assertAllFinite(v)
+
+    def _check_scale_has_floor(self, cls):
+        opt = cls(keras.optimizers.SGD(0.01))
+        v = _var()
+        for _ in range(200):  # 2**15 * 2**-200 is 0 in float32
+            opt.apply([_grad([np.nan, 1.0])], [v])
+        self.assertGreater(_scale(opt), 0.0)
+        opt.apply([_grad([1.0, 1.0]) * opt.scale_loss(1.0)], [v])  # the data is clean again
+        self.assertAllFinite(v)
+        self.assertAllClose(v, [0.99, 1.99], rtol=1e-5)
+
+    def test_scale_has_ceiling(self):
+        self._check_scale_has_ceiling(tfmp.LossScaleOptimizer)
+
+    def test_scale_stops_at_max_scale(self):
+        opt = tfmp.LossScaleOptimizer(
+            keras.optimizers.SGD(0.01), initial_scale=4.0, dynamic_growth_steps=1, max_scale=64.0)
+        v = _var()
+        for _ in range(10):
+            opt.apply([_grad([1.0, 1.0])], [v])
+        self.assertEqual(_scale(opt), 64.0)
+
+    def test_stock_scale_reaches_inf(self):
+        with self.assertRaises(AssertionError):
+            self._check_scale_has_ceiling(STOCK)
+
+    def test_scale_has_floor(self):
+        self._check_scale_has_floor(tfmp.LossScaleOptimizer)
+        opt = tfmp.LossScaleOptimizer(keras.optimizers.SGD(0.01), min_scale=2.0)
+        v = _var()
+        for _ in range(30):
+            opt.apply([_grad([np.inf, 1.0])], [v])
+        self.assertEqual(_scale(opt), 2.0)
+        self.assertAllClose(v, [1.0, 2.0])
+
+    def test_stock_scale_reaches_zero_and_poisons_weights(self):
+        with self.assertRaises(AssertionError):
+            self._check_scale_has_floor(STOCK)
+
+
+class DynamicsTest(TestCase):
+    def test_skip_leaves_weights_and_inner_state_untouched(self):
+        opt = tfmp.LossScaleOptimizer(keras.optimizers.Adam(0.1), initial_scale=8.0)
+        v = _var()
+        opt.apply([_grad([8.0, 8.0])], [v])
+        weights = v.numpy().copy()
+        inner = [x.numpy().copy() for x in opt.inner_optimizer.variables]
+        opt.apply([_grad([np.nan, 8.0])], [v])
+        self.assertAllClose(v, weights, rtol=0, atol=0)
+        for before, after in zip(inner, opt.inner_optimizer.variables, strict=True):
+            np.testing.assert_array_equal(before, after.numpy())
+        self.assertEqual(_scale(opt), 4.0)
+
+    def test_counters_and_iterations(self):
+        schedule = keras.optimizers.schedules.PiecewiseConstantDecay([2], [1.0, 0.0])
+        opt = tfmp.LossScaleOptimizer(keras.optimizers.SGD(schedule), initial_scale=1.0)
+        v = _var()
+        self.assertEqual(_int(opt.skipped_steps), 0)
+        bad, good = [_grad([np.nan, 1.0])], [_grad([1.0, 1.0])]
+        for grads in (good, bad, bad, bad, good):
+            opt.apply(grads, [v])
+        self.assertEqual(_int(opt.skipped_steps), 3)
+        self.assertEqual(_int(opt.consecutive_skipped_steps), 0)
+        self.assertFalse(bool(opt.last_step_skipped))
+        # Two applied steps: the schedule (lr 1.0 for steps 0-2) did not
+        # advance on the three skipped ones, so both steps used lr=1.0.
+        self.assertEqual(_int(opt.iterations), 2)
+        self.assertAllClose(v, [-1.0, 0.0])
+        opt.apply(bad, [v])
+        self.assertEqual(_int(opt.consecutive_skipped_steps), 1)
+        self.assertTrue(bool(opt.last_step_skipped))
+        self.assertEqual(opt.nonfinite_variables(), [v.path])
+
+    def test_nonfinite_variables_names_only_the_bad_ones(self):
+        opt = tfmp.LossScaleOptimizer(keras.optimizers.SGD(0.1))
+        a, b, c = _var(), _var(), _var()
+        opt.apply([_grad([1.0, 1.0]), _grad([np.inf, 1.0]), None], [a, b, c])
+        self.assertEqual(opt.nonfinite_variables(), [b.path])
+
+    def test_growth_and_backoff_factors(self):
+        opt = tfmp.LossScaleOptimizer(
+            keras.optimizers.SGD(0.1), initial_scale=16.0, dynamic_growth_steps=2,
+            growth_factor=4.0, backoff_factor=0.25)
+        v = _var()
+        good, bad = [_grad([1.0, 1.0])], [_grad([np.nan, 1.0])]
+        opt.apply(good, [v])
+        self.assertEqual(_scale(opt), 16.0)
+        opt.apply(good, [v])
+        self.assertEqual(_scale(opt), 64.0)
+        opt.apply(good, [v])
+        opt.apply(bad, [v])  # resets the growth counter, too
+        self.assertEqual(_scale(opt), 16.0)
+        opt.apply(good, [v])
+        self.assertEqual(_scale(opt), 16.0)
+
+    def test_hysteresis(self):
+        opt = tfmp.LossScaleOptimizer(
+            keras.optimizers.SGD(0.1), initial_scale=64.0, dynamic_growth_steps=2, hysteresis=3)
+        v = _var()
+        good, bad = [_grad([1.0, 1.0])], [_grad([np.nan, 1.0])]
+        scales = []
+        for grads in (bad, bad, bad, bad, good, good, bad, bad, bad):
+            opt.apply(grads, [v])
+            scales.append(_scale(opt))
+        # Two overflows tolerated, the third lowers; after that every overflow
+        # lowers until a growth restores the hysteresis.
+        self.assertEqual(scales, [64, 64, 32, 16, 16, 32, 32, 32, 16])
+        self.assertEqual(_int(opt.skipped_steps), 7)
+        # The two applied steps both ran at scale 16: each moved lr * 1/16.
+        self.assertAllClose(v, [1.0 - 2 * 0.1 / 16, 2.0 - 2 * 0.1 / 16])
+
+    def test_fixed_scale(self):
+        opt = tfmp.LossScaleOptimizer(
+            keras.optimizers.SGD(0.5), initial_scale=128.0, dynamic_growth_steps=1, dynamic=False)
+        v = _var()
+        for grads in ([_grad([128.0, 256.0])],) * 3 + ([_grad([np.nan, 1.0])],) * 3:
+            opt.apply(grads, [v])
+        self.assertEqual(_scale(opt), 128.0)
+        self.assertEqual(_int(opt.skipped_steps), 3)
+        self.assertAllClose(v, [1.0 - 1.5, 2.0 - 3.0])
+
+    def test_stock_refuses_fixed_scale(self):
+        with self.assertRaisesRegex(ValueError, "dynamic=False"):
+            STOCK(keras.optimizers.SGD(0.5), dynamic=False)
+
+    def test_disabled_passes_gradients_through(self):
+        opt = tfmp.LossScaleOptimizer(keras.optimizers.SGD(0.5), enabled=False)
+        v = _var()
+        self.assertEqual(float(opt.scale_loss(3.0)), 3.0)
+        opt.apply([_grad([2.0, 4.0])], [v])
+        self.assertAllClose(v, [0.0, 0.0])
+        self.assertEqual(_scale(opt), 1.0)
+
+    @parameterized.named_parameters(
+        ("global_clipnorm", dict(global_clipnorm=1.0)),
+        ("clipvalue", dict(clipvalue=0.5)),
+        ("weight_decay", dict(weight_decay=0.1)),
+        ("accumulation", dict(gradient_accumulation_steps=2)),
+        ("ema", dict(use_ema=True, ema_momentum=0.5)),
+    )
+    def test_inner_features_see_unscaled_gradients(self, kwargs):
+        grads = [[3.0, 4.0], [-1.0, 0.5], [2.0, 2.0], [0.1, -0.3]]
+        plain, scaled = _var(), _var()
+        plain_opt = keras.optimizers.SGD(0.1, **kwargs)
+        opt = tfmp.LossScaleOptimizer(keras.optimizers.SGD(0.1, **kwargs), initial_scale=2.0**10)
+        for g in grads:
+            plain_opt.apply([_grad(g)], [plain])
+            opt.apply([_grad(g) * opt.scale_loss(1.0)], [scaled])
+        self.assertAllClose(scaled, plain, rtol=1e-6)
+        self.assertFalse(np.allclose(plain.numpy(), [1.0, 2.0]))
+
+
+def _mlp(seed=1):
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="relu"),
+                             keras.layers.Dense(1)])
+
+
+def _regression_data(n=32):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(n, 4)).astype("float32")
+    return x, (x @ np.array([1.0, -2.0, 0.5, 3.0], "float32"))[:, None]
+
+
+class CustomLoopTest(TestCase):
+    """Stock gap 4: the tf-keras custom-loop API."""
+
+    @parameterized.named_parameters(("tf_keras_style", True), ("keras3_style", False))
+    def test_gradient_tape_loop_matches_plain_optimizer(self, tf_keras_style):
+        x, y = _regression_data()
+        loss_fn = keras.losses.MeanSquaredError()
+        plain_model, model = _mlp(), _mlp()
+        plain_opt = keras.optimizers.SGD(0.05)
+        opt = tfmp.LossScaleOptimizer(keras.optimizers.SGD(0.05), initial_scale=2.0**12)
+
+        @tf.function
+        def step(model, opt, scaled):
+            with tf.GradientTape() as tape:
+                loss = loss_fn(y, model(x))
+                target = (opt.get_scaled_loss(loss) if tf_keras_style else opt.scale_loss(loss)
+                          ) if scaled else loss
+            grads = tape.gradient(target, model.trainable_variables)
+            if scaled and tf_keras_style:
+                grads = opt.get_unscaled_gradients(grads)
+            opt.apply_gradients(zip(grads, model.trainable_variables, strict=True))
+            return loss
+
+        losses = [float(step(model, opt, True)) for _ in range(20)]
+        for _ in range(20):
+            step(plain_model, plain_opt, False)
+        self.assertLess(losses[-1], 0.5 * losses[0])
+        for a, b in zip(model.get_weights(), plain_model.get_weights(), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+    def test_mixed_float16_custom_loop_keeps_weights_finite(self):
+        keras.config.set_dtype_policy("mixed_float16")
+        x, y = _regression_data()
+        model = _mlp()
+        opt = tfmp.LossScaleOptimizer(keras.optimizers.Adam(0.01), initial_scale=2.0**24)
+        for _ in range(5):
+            with tf.GradientTape() as tape:
+                loss = ops.mean((ops.cast(model(x), "float32") - y) ** 2)
+                scaled = opt.get_scaled_loss(loss)
+            grads = opt.get_unscaled_gradients(tape.gradient(scaled, model.trainable_variables))
+            opt.apply_gradients(zip(grads, model.trainable_variables, strict=True))
+        # 2**24 overflows float16 activations' gradients: steps were skipped
+        # and the scale came down, and no weight is non-finite.
+        self.assertGreater(_int(opt.skipped_steps), 0)
+        self.assertLess(_scale(opt), 2.0**24)
+        self.assertAllFinite(model.get_weights())
+
+
+class DistributeTest(TestCase):
+    """Stock failure 3: only replica 0's gradients were checked."""
+
+    def _check_replicas_agree(self, cls):
+        strategy = two_replica_strategy()
+        with strategy.scope():
+            v = keras.Variable(np.array([1.0, 2.0], "float32"))
+            opt = cls(keras.optimizers.SGD(0.5), initial_scale=1.0)
+            opt.build([v])
+
+        @tf.function
+        def step():
+            def replica_fn():
+                rid = tf.distribute.get_replica_context().replica_id_in_sync_group
+                g = tf.where(rid == 1, tf.constant([np.inf, 1.0]), tf.constant([1.0, 1.0]))
+                opt.apply([g], [v])
+            strategy.run(replica_fn)
+
+        step()
+        for value in strategy.experimental_local_results(v):
+            self.assertAllClose(value, [1.0, 2.0], rtol=0, atol=0)
+        return opt
+
+    def test_inf_on_one_replica_skips_on_all(self):
+        opt = self._check_replicas_agree(tfmp.LossScaleOptimizer)
+        self.assertEqual(_int(opt.skipped_steps), 1)
+        self.assertEqual(_scale(opt), 1.0)
+
+    def test_stock_applies_inf_from_replica_one(self):
+        with self.assertRaises(AssertionError):
+            self._check_replicas_agree(STOCK)
+
+    def _check_fit_with_nan_in_second_half(self, cls):
+        strategy = two_replica_strategy()
+        keras.config.set_dtype_policy("mixed_float16")
+        x, y = _regression_data(8)
+        x[6, 1] = np.nan  # the second replica's half of the batch
+        with strategy.scope():
+            model = _mlp()
+            # A small scale: replica 0's float16 gradients must not overflow.
+            opt = cls(keras.optimizers.SGD(0.01), initial_scale=16.0)
+            model.compile(optimizer=opt, loss="mse")
+        before = model.get_weights()
+        model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+        self.assertAllFinite(model.get_weights())
+        for a, b in zip(before, model.get_weights(), strict=True):
+            np.testing.assert_array_equal(a, b)
+        return model.optimizer
+
+    def test_fit_skips_batch_with_nan_on_one_replica(self):
+        opt = self._check_fit_with_nan_in_second_half(tfmp.LossScaleOptimizer)
+        self.assertEqual(_int(opt.skipped_steps), 1)
+
+    def test_stock_fit_writes_nan_into_weights(self):
+        with self.assertRaises(AssertionError):
+            self._check_fit_with_nan_in_second_half(STOCK)
+
+    def test_mirrored_equals_single_device_with_clipping(self):
+        x, y = _regression_data(16)
+
+        def train(strategy):
+            with strategy.scope():
+                model = _mlp()
+                opt = tfmp.LossScaleOptimizer(
+                    keras.optimizers.SGD(0.1, global_clipnorm=0.5), initial_scale=2.0**8)
+                model.compile(optimizer=opt, loss="mse")
+            model.fit(x, y, batch_size=16, epochs=3, shuffle=False, verbose=0)
+            return model.get_weights()
+
+        single = train(tf.distribute.get_strategy())
+        mirrored = train(two_replica_strategy())
+        for a, b in zip(single, mirrored, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+class SerializationTest(TestCase):
+    FULL = dict(initial_scale=64.0, dynamic_growth_steps=7, dynamic=False, growth_factor=3.0,
+                backoff_factor=0.25, min_scale=2.0, max_scale=1024.0, hysteresis=2,
+                enabled=False, name="lso")
+
+    def test_config_round_trip(self):
+        opt = tfmp.LossScaleOptimizer(keras.optimizers.Adam(0.003), **self.FULL)
+        config = opt.get_config()
+        restored = tfmp.LossScaleOptimizer.from_config(config)
+        self.assertEqual(restored.get_config(), config)
+        for key, value in self.FULL.items():
+            self.assertEqual(getattr(restored, key), value, key)
+        self.assertIsInstance(restored.inner_optimizer, keras.optimizers.Adam)
+        again = keras.optimizers.deserialize(keras.optimizers.serialize(opt))
+        self.assertIsInstance(again, tfmp.LossScaleOptimizer)
+        self.assertEqual(again.get_config(), config)
+
+    def test_stock_configs_load(self):
+        stock = STOCK(keras.optimizers.SGD(0.5), initial_scale=8.0, dynamic_growth_steps=3)
+        opt = tfmp.LossScaleOptimizer.from_config(stock.get_config())
+        self.assertEqual((opt.initial_scale, opt.dynamic_growth_steps), (8.0, 3))
+        legacy = dict(stock.get_config(), weight_decay=None, clipnorm=None, use_ema=False,
+                      ema_momentum=0.99, loss_scale_factor=None)
+        tfmp.LossScaleOptimizer.from_config(legacy)
+
+    def _trained_model(self, optimizer):
+        keras.config.set_dtype_policy("mixed_float16")
+        x, y = _regression_data(16)
+        model = _mlp()
+        model.compile(optimizer=optimizer, loss="mse")
+        x_bad = x.copy()
+        x_bad[0, 0] = np.inf
+        model.fit(x, y, batch_size=8, epochs=2, verbose=0)
+        model.fit(x_bad[:8], y[:8], batch_size=8, epochs=1, verbose=0)  # one skipped step
+        return model
+
+    def _state(self, opt):
+        return {
+            "class": type(opt).__name__,
+            "scale": _scale(opt),
+            "skipped": _int(getattr(opt, "skipped_steps", -1)),
+            "counter": _int(opt.step_counter) if hasattr(opt, "step_counter") else -1,
+            "iterations": _int(opt.iterations),
+        }
+
+    def _check_keras_file_keeps_state(self, optimizer):
+        model = self._trained_model(optimizer)
+        expected = self._state(model.optimizer)
+        path = os.path.join(self.tmp_dir(), "m.keras")
+        model.save(path)
+        keras.config.set_dtype_policy("float32")
+        loaded = keras.saving.load_model(path)
+        self.assertEqual(self._state(loaded.optimizer), expected)
+        return expected
+
+    def test_keras_file_keeps_state_under_other_policy(self):
+        state = self._check_keras_file_keeps_state(
+            tfmp.LossScaleOptimizer(keras.optimizers.Adam(1e-3), dynamic_growth_steps=3))
+        self.assertGreaterEqual(state["skipped"], 1)
+
+    def test_stock_compile_adam_loses_state(self):
+        with self.assertRaises(AssertionError):
+            self._check_keras_file_keeps_state("adam")
+
+    def test_tf_checkpoint_keeps_state(self):
+        model = self._trained_model(tfmp.LossScaleOptimizer(keras.optimizers.Adam(1e-3)))
+        expected = self._state(model.optimizer)
+        prefix = tf.train.Checkpoint(model=model, optimizer=model.optimizer).save(
+            os.path.join(self.tmp_dir(), "ckpt"))
+        keras.config.set_dtype_policy("float32")
+        fresh = _mlp()
+        opt = tfmp.LossScaleOptimizer(keras.optimizers.Adam(1e-3))
+        opt.build(fresh.trainable_variables)
+        tf.train.Checkpoint(model=fresh, optimizer=opt).restore(prefix).assert_consumed()
+        self.assertEqual(self._state(opt), expected)
+
+
+class ValidationTest(TestCase):
+    @parameterized.named_parameters(
+        ("growth_factor", dict(growth_factor=1.0), "`growth_factor` must be > 1. Received: "
+         "growth_factor=1.0"),
+        ("backoff_high", dict(backoff_factor=1.0), r"`backoff_factor` must be in \(0, 1\)"),
+        ("backoff_zero", dict(backoff_factor=0.0), "backoff_factor=0.0"),
+        ("min_gt_max", dict(min_scale=8.0, max_scale=4.0, initial_scale=4.0),
+         r"`min_scale` must be <= max_scale \(4.0\). Received: min_scale=8.0"),
+        ("min_zero", dict(min_scale=0.0), "`min_scale` must be > 0"),
+        ("max_inf", dict(max_scale=float("inf")), "`max_scale` must be finite"),
+        ("initial_high", dict(initial_scale=2.0**30), r"`initial_scale` must be in \[min_scale"),
+        ("initial_low", dict(initial_scale=0.5), "Received: initial_scale=0.5"),
+        ("hysteresis", dict(hysteresis=0), "`hysteresis` must be an integer >= 1"),
+        ("growth_steps", dict(dynamic_growth_steps=0), "`dynamic_growth_steps` must be"),
+        ("unknown", dict(foo=1), "arguments: `foo`"),
+    )
+    def test_bad_arguments(self, kwargs, message):
+        with self.assertRaisesRegex(ValueError, message):
+            tfmp.LossScaleOptimizer(keras.optimizers.SGD(0.1), **kwargs)
+
+    def test_inner_must_be_optimizer(self):
+        with self.assertRaisesRegex(ValueError, "`inner_optimizer` must be a `keras.optimizers"):
+            tfmp.LossScaleOptimizer("adam")
+
+    @parameterized.named_parameters(("tfmp", tfmp.LossScaleOptimizer), ("stock", STOCK))
+    def test_cannot_wrap_twice(self, inner_cls):
+        with self.assertRaisesRegex(ValueError, "cannot be wrapped again"):
+            tfmp.LossScaleOptimizer(inner_cls(keras.optimizers.SGD(0.1)))
+
+    def test_compile_does_not_rewrap(self):
+        keras.config.set_dtype_policy("mixed_float16")
+        model = _mlp()
+        opt = tfmp.LossScaleOptimizer(keras.optimizers.SGD(0.1))
+        model.compile(optimizer=opt, loss="mse")
+        self.assertIs(model.optimizer, opt)
