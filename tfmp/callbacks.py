@@ -61,6 +61,10 @@ class LossScaleMonitor(keras.callbacks.Callback):
         self.max_consecutive_skips = max_consecutive_skips
         self._writer = None
 
+    @classmethod
+    def from_config(cls, config: dict) -> LossScaleMonitor:
+        return cls(**config)
+
     def get_config(self) -> dict:
         return {"log_dir": self.log_dir, "max_consecutive_skips": self.max_consecutive_skips}
 
