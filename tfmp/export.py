@@ -1,0 +1,378 @@
+"""SavedModel export whose serving signature speaks float32 (TensorFlow only).
+
+This module is TensorFlow-specific: it writes a TensorFlow SavedModel and needs
+the TensorFlow Keras backend.
+
+A model trained under `mixed_float16` usually ends in a float16 layer, and
+Keras' own `model.export()` then serves float16 outputs. `export_saved_model`
+wraps the model in a serving function that takes `serving_dtype` (float32 by
+default) inputs, casts them to the model's input dtypes, runs the model with
+`training=False`, and casts every floating output back to `serving_dtype`.
+Integer inputs and outputs (token ids, class indices) keep their dtype.
+
+The SavedModel has one endpoint, `serve` (as `model.export()` writes), also
+registered as the `serving_default` signature, so it loads with
+`tf.saved_model.load` alone, with TF Serving, and with
+`keras.layers.TFSMLayer`. Outputs are returned as a dict keyed by output name
+when the model has several outputs (a list keeps the model's output names,
+a dict its keys); a single output is returned as a tensor, which the
+signature names `output_0`, as `model.export()` does.
+
+Writes are atomic on a local filesystem: the SavedModel is written into a
+directory `.{name}.tmp-XXXXXXXX` next to `export_dir` and renamed into place, so
+`export_dir` never holds a half-written SavedModel, and a previous export there
+is moved aside (`.{name}.old-XXXXXXXX`) and deleted only once the new one is in
+place; if the export fails, the previous one stays where it was. (A process
+killed between those two renames leaves the previous export in the `.old-`
+directory.) Remote paths (`gs://`, ...) are not supported.
+
+Example:
+
+    tfmp.set_global_policy("mixed_float16")
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    path = tfmp.export.export_saved_model(model, "/tmp/serving/1")
+    reloaded = tf.saved_model.load(path)   # keep a reference while calling it
+    reloaded.signatures["serving_default"](tf.ones((1, 4)))["output_0"].dtype  # float32
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import keras
+
+SERVING_DTYPES = ("float32", "float16", "bfloat16")
+ENDPOINT = "serve"
+SIGNATURE = "serving_default"
+_SAVED_MODEL_FILES = ("saved_model.pb", "saved_model.pbtxt")
+
+
+def _tf():
+    if keras.backend.backend() != "tensorflow":
+        raise NotImplementedError(
+            "tfmp.export needs the TensorFlow Keras backend. "
+            f"Current backend: {keras.backend.backend()!r}; set KERAS_BACKEND=tensorflow."
+        )
+    import tensorflow as tf
+
+    return tf
+
+
+def validate_serving_dtype(serving_dtype: str) -> str:
+    """Returns `serving_dtype` if it is allowed, else raises `ValueError`.
+
+    Args:
+        serving_dtype: One of `"float32"`, `"float16"`, `"bfloat16"`.
+
+    Returns:
+        `serving_dtype`, unchanged.
+
+    Example:
+
+        >>> validate_serving_dtype("float32")
+        'float32'
+    """
+    if not isinstance(serving_dtype, str) or serving_dtype not in SERVING_DTYPES:
+        raise ValueError(
+            f"`serving_dtype` must be one of: {', '.join(SERVING_DTYPES)}. "
+            f"Received: serving_dtype={serving_dtype!r}"
+        )
+    return serving_dtype
+
+
+def _input_structure(model: keras.Model):
+    """The structure of `KerasTensor`s the model is called on (functional or Sequential)."""
+    if not isinstance(model, keras.Model):
+        raise ValueError(
+            f"`model` must be a `keras.Model`. Received: model={model!r} "
+            f"of type {type(model).__name__}"
+        )
+    if isinstance(model, keras.Sequential):
+        try:
+            inputs = model.inputs
+        except AttributeError:
+            inputs = None
+        if not inputs:
+            raise ValueError(
+                f"`model` has no defined inputs. Received: model={model.name!r}, a Sequential "
+                "model that was never built; start it with `keras.Input(shape)`."
+            )
+        return inputs[0]
+    inputs = getattr(model, "inputs", None)
+    if not inputs:
+        raise ValueError(
+            f"`model` has no defined inputs. Received: model={model.name!r} of type "
+            f"{type(model).__name__}; export a functional or Sequential model built "
+            "from `keras.Input`."
+        )
+    return model.input
+
+
+def _is_float(dtype) -> bool:
+    return "float" in keras.backend.standardize_dtype(dtype)
+
+
+def _input_signature(structure, serving_dtype: str):
+    """`tf.TensorSpec`s mirroring `structure`: batch dim None, floats as `serving_dtype`."""
+    tf = _tf()
+
+    def spec(x, name):
+        dtype = keras.backend.standardize_dtype(x.dtype)
+        shape = (None,) + tuple(x.shape)[1:]
+        return tf.TensorSpec(shape, serving_dtype if _is_float(dtype) else dtype, name=name)
+
+    if isinstance(structure, Mapping):
+        return {key: spec(x, key) for key, x in structure.items()}
+    if isinstance(structure, Sequence):
+        return [spec(x, x.name) for x in structure]
+    return spec(structure, structure.name)
+
+
+def _output_names(model: keras.Model, count: int) -> list[str]:
+    names = list(getattr(model, "output_names", None) or [])
+    if len(names) == count and len(set(names)) == count:
+        return names
+    return [f"output_{i}" for i in range(count)]
+
+
+def _serving_fn(model: keras.Model, structure, serving_dtype: str) -> Callable:
+    """The function the SavedModel serves: cast in, call, cast out, name outputs."""
+    tf = _tf()
+    model_dtypes = tf.nest.map_structure(lambda x: keras.backend.standardize_dtype(x.dtype),
+                                         structure)
+
+    def cast_out(y):
+        return tf.cast(y, serving_dtype) if y.dtype.is_floating else y
+
+    def serve(inputs):
+        inputs = tf.nest.map_structure(lambda x, dt: tf.cast(x, dt), inputs, model_dtypes)
+        outputs = model(inputs, training=False)
+        if isinstance(outputs, Mapping):
+            return {key: cast_out(y) for key, y in outputs.items()}
+        flat = tf.nest.flatten(outputs)
+        if len(flat) == 1:
+            return cast_out(flat[0])
+        return dict(zip(_output_names(model, len(flat)), map(cast_out, flat), strict=True))
+
+    return serve
+
+
+def _check_replaceable(export_dir: str) -> None:
+    """Refuses to replace anything but an empty directory or a previous SavedModel."""
+    if not os.path.lexists(export_dir):
+        return
+    if not os.path.isdir(export_dir) or os.path.islink(export_dir):
+        raise ValueError(
+            "`export_dir` exists and is not a directory (or is a symbolic link). Received: "
+            f"export_dir={export_dir!r}; pass a new path or a previous SavedModel directory."
+        )
+    entries = os.listdir(export_dir)
+    if entries and not any(name in entries for name in _SAVED_MODEL_FILES):
+        raise ValueError(
+            f"`export_dir` is a non-empty directory that holds no SavedModel; refusing to "
+            f"replace it. Received: export_dir={export_dir!r}; pass a new path, an empty "
+            "directory or a previous SavedModel directory."
+        )
+
+
+def _make_sibling_dir(parent: str, prefix: str) -> str:
+    """Creates a new directory `parent/prefix<random>` with the usual (umask) permissions.
+
+    `tempfile.mkdtemp` would make it 0700, and the renamed SavedModel would then
+    be unreadable to a server running as another user.
+    """
+    for _ in range(100):
+        path = os.path.join(parent, f"{prefix}{secrets.token_hex(4)}")
+        try:
+            os.mkdir(path)
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"Could not create a temporary directory in {parent!r}.")
+
+
+def _write_atomically(export_dir: str, write: Callable[[str], None]) -> None:
+    """Calls `write(tmp_dir)` next to `export_dir`, then swaps the result into place.
+
+    On failure the temporary directory is removed and any previous `export_dir`
+    is left as it was. The previous export is deleted only after the new one is
+    in place.
+    """
+    parent, name = os.path.split(export_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp_dir = _make_sibling_dir(parent, f".{name}.tmp-")
+    old_dir = None
+    try:
+        write(tmp_dir)
+        if os.path.lexists(export_dir):
+            old_dir = _make_sibling_dir(parent, f".{name}.old-")
+            old_path = os.path.join(old_dir, name)
+            os.rename(export_dir, old_path)
+            try:
+                os.rename(tmp_dir, export_dir)
+            except BaseException:
+                os.rename(old_path, export_dir)  # Put the previous export back.
+                raise
+        else:
+            os.rename(tmp_dir, export_dir)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        if old_dir is not None:
+            try:
+                os.rmdir(old_dir)  # Only if empty: never deletes the previous export.
+            except OSError:
+                pass
+        raise
+    if old_dir is not None:
+        shutil.rmtree(old_dir, ignore_errors=True)
+
+
+def export_saved_model(
+    model: keras.Model,
+    export_dir: str | os.PathLike,
+    *,
+    serving_dtype: str = "float32",
+) -> str:
+    """Writes `model` as a SavedModel that serves `serving_dtype` in and out.
+
+    The `serve` endpoint and the `serving_default` signature take one tensor per
+    model input (floating inputs as `serving_dtype`, batch dimension `None`),
+    cast them to the model's input dtypes, call the model with `training=False`
+    and cast every floating output to `serving_dtype`. Optimizer state is not
+    exported.
+
+    Args:
+        model: A built functional or Sequential `keras.Model` (any dtype policy).
+        export_dir: Local directory to write. If it exists it must be empty or hold
+            a previous SavedModel, which is replaced only once the new one is
+            complete.
+        serving_dtype: Dtype of the signature's floating inputs and outputs: one of
+            `"float32"`, `"float16"`, `"bfloat16"`.
+
+    Returns:
+        The absolute path of the written SavedModel.
+
+    Example:
+
+        path = tfmp.export.export_saved_model(model, "/tmp/serving/1")
+        reloaded = tf.saved_model.load(path)
+        out = reloaded.serve(tf.ones((2, 4)))   # float32
+    """
+    validate_serving_dtype(serving_dtype)
+    structure = _input_structure(model)
+    export_dir = os.path.abspath(os.fspath(export_dir))
+    _check_replaceable(export_dir)
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    serve = archive.add_endpoint(
+        ENDPOINT,
+        _serving_fn(model, structure, serving_dtype),
+        input_signature=[_input_signature(structure, serving_dtype)],
+    )
+    # The same traced function under the signature's name, so that it is also an
+    # attribute: `TFSMLayer(call_endpoint="serving_default")` then calls it with the
+    # input structure (a signature function takes keyword arguments only).
+    archive.add_endpoint(SIGNATURE, serve)
+    _write_atomically(export_dir, lambda tmp_dir: archive.write_out(tmp_dir, verbose=False))
+    return export_dir
+
+
+def serving_signature(export_dir: str | os.PathLike, signature: str = SIGNATURE) -> dict:
+    """Reads a signature's inputs and outputs from `saved_model.pb`, without loading it.
+
+    Args:
+        export_dir: A SavedModel directory.
+        signature: The signature key.
+
+    Returns:
+        `{"inputs": {name: (dtype, shape)}, "outputs": {name: (dtype, shape)}}`,
+        dtypes as strings and shapes as tuples with `None` for unknown dimensions
+        (the shape is `None` for unknown rank).
+
+    Example:
+
+        >>> serving_signature("/tmp/serving/1")["outputs"]
+        {'output_0': ('float32', (None, 2))}
+    """
+    tf = _tf()
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    path = os.path.join(os.fspath(export_dir), "saved_model.pb")
+    if not os.path.isfile(path):
+        raise ValueError(
+            f"`export_dir` holds no saved_model.pb. Received: export_dir={export_dir!r}"
+        )
+    proto = saved_model_pb2.SavedModel()
+    with open(path, "rb") as f:
+        proto.ParseFromString(f.read())
+    signatures = proto.meta_graphs[0].signature_def
+    if signature not in signatures:
+        raise ValueError(
+            f"Unknown `signature`: {signature!r}. Expected one of: "
+            f"{', '.join(sorted(signatures))}."
+        )
+
+    def describe(infos) -> dict[str, tuple[str, Any]]:
+        out = {}
+        for name in sorted(infos):
+            info = infos[name]
+            shape = None if info.tensor_shape.unknown_rank else tuple(
+                None if d.size < 0 else d.size for d in info.tensor_shape.dim
+            )
+            out[name] = (tf.dtypes.as_dtype(info.dtype).name, shape)
+        return out
+
+    sig = signatures[signature]
+    return {"inputs": describe(sig.inputs), "outputs": describe(sig.outputs)}
+
+
+def load_serving_layer(
+    export_dir: str | os.PathLike,
+    *,
+    call_endpoint: str = SIGNATURE,
+    dtype: str | None = None,
+    **kwargs,
+) -> keras.layers.TFSMLayer:
+    """Loads a SavedModel as a `keras.layers.TFSMLayer` that works under any global policy.
+
+    In Keras 3.15 a plain `keras.layers.TFSMLayer` built under a mixed global
+    policy casts its float32 inputs to float16 (or bfloat16) before calling the
+    SavedModel, which then rejects them: `TypeError: Binding inputs to tf.function
+    failed due to Can not cast TensorSpec(... dtype=tf.float16 ...) to
+    TensorSpec(... dtype=tf.float32 ...)` (for Keras' own `model.export()`
+    artifacts called through `serving_default`: `InvalidArgumentError: ... expected
+    to be a float tensor but is a half tensor`). This passes the endpoint's own
+    input dtype (the export's `serving_dtype`) as the layer's `dtype`, so inputs
+    reach the SavedModel as it expects. The outputs are what the SavedModel
+    returns (float32 for a default `export_saved_model`).
+
+    Args:
+        export_dir: A SavedModel directory, e.g. written by `export_saved_model`.
+        call_endpoint: The endpoint or signature to call.
+        dtype: The layer's dtype; by default the first floating input dtype of the
+            `call_endpoint` signature (float32 if it has none).
+        **kwargs: Passed on to `keras.layers.TFSMLayer` (`name`, `trainable`, ...).
+
+    Returns:
+        The `keras.layers.TFSMLayer`.
+
+    Example:
+
+        tfmp.set_global_policy("mixed_float16")
+        layer = tfmp.export.load_serving_layer("/tmp/serving/1")
+        layer(np.ones((2, 4), "float32"))   # float32 in, float32 out
+    """
+    if dtype is None:
+        dtype = "float32"
+        for input_dtype, _ in serving_signature(export_dir, call_endpoint)["inputs"].values():
+            if _is_float(input_dtype):
+                dtype = input_dtype
+                break
+    return keras.layers.TFSMLayer(
+        os.fspath(export_dir), call_endpoint=call_endpoint, dtype=dtype, **kwargs
+    )
