@@ -1,0 +1,73 @@
+"""Train an image classifier with mixed precision.
+
+python -m recipes.image_classification --dataset=synthetic --epochs=2 --export_dir=/tmp/export
+python -m recipes.image_classification --dataset=cifar10 --model=resnet50 --policy=mixed_float16 \
+    --batch_size=256 --epochs=30 --model_dir=runs/cifar10 --distribution=mirrored
+"""
+
+import sys
+
+import keras
+from absl import app, flags
+
+import tfmp
+
+_FLAGS = tfmp.training.define_flags(datasets=tfmp.data.IMAGE_DATASETS,
+                                    default_dataset="synthetic", default_batch_size=128,
+                                    default_epochs=10)
+_MODEL = flags.DEFINE_string("model", "resnet_mini",
+                             f"One of: {', '.join(tfmp.models.IMAGE_MODELS)}.")
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", 32, "Side of the square input images.")
+_NUM_SYNTHETIC = flags.DEFINE_integer("num_synthetic", 2048, "Examples of the synthetic set.")
+
+
+def run(*, policy: str = "mixed_float16", loss_scale: str = "dynamic", dataset: str = "synthetic",
+        data_dir: str | None = None, batch_size: int = 128, epochs: int = 10,
+        steps_per_epoch: int | None = None, learning_rate: float = 1e-3,
+        jit_compile: bool = False, distribution: str = "none", model_dir: str | None = None,
+        export_dir: str | None = None, seed: int = 0, model: str = "resnet_mini",
+        image_size: int = 32, num_synthetic: int = 2048, dataset_override=None,
+        verbose: int = 2) -> dict:
+    """Trains and evaluates `model` on `dataset`; see `tfmp.training.train_and_evaluate`.
+
+    Args:
+        dataset_override: `(train, eval)` datasets that replace the named dataset (tests).
+        Others: as the flags of the same names.
+
+    Returns:
+        The metrics dict of `tfmp.training.train_and_evaluate`.
+    """
+    tfmp.training.check_args(policy=policy, loss_scale=loss_scale, dataset=dataset,
+                             datasets=tfmp.data.IMAGE_DATASETS, batch_size=batch_size,
+                             epochs=epochs, steps_per_epoch=steps_per_epoch,
+                             learning_rate=learning_rate, distribution=distribution)
+    with tfmp.training.usage_errors():
+        tfmp.models.validate_image_model(model)
+        info = tfmp.data.dataset_info(dataset, image_size=image_size)
+    if dataset_override is not None:
+        train, evaluation = dataset_override
+    else:
+        common = dict(batch_size=batch_size, image_size=image_size, data_dir=data_dir,
+                      seed=seed, num_examples_synthetic=num_synthetic)
+        train = tfmp.data.image_dataset(dataset, info.train_split, training=True, **common)
+        evaluation = tfmp.data.image_dataset(dataset, info.eval_split, training=False, **common)
+    keras.utils.set_random_seed(seed)
+    return tfmp.training.train_and_evaluate(
+        lambda: tfmp.models.image_classifier(model, info.input_shape, info.num_classes),
+        train, evaluation, policy=policy, loss_scale=loss_scale, learning_rate=learning_rate,
+        epochs=epochs, steps_per_epoch=steps_per_epoch, batch_size=batch_size,
+        jit_compile=jit_compile, distribution=distribution, model_dir=model_dir,
+        export_dir=export_dir, verbose=verbose)
+
+
+def main(argv):
+    del argv
+    values = tfmp.training.flag_values(_FLAGS)
+    tfmp.distribute.configure_cpu_replicas(values.pop("cpu_replicas"))
+    sys.exit(tfmp.training.run_main(run, values, model=_MODEL.value,
+                                    image_size=_IMAGE_SIZE.value,
+                                    num_synthetic=_NUM_SYNTHETIC.value))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,153 @@
+"""Tests for tfmp.training and the checkpoint/throughput callbacks it uses."""
+
+import json
+import os
+from unittest import mock
+
+import keras
+import numpy as np
+from absl.testing import parameterized
+
+import tfmp
+from tests.base import TestCase
+from tfmp import training
+
+_ARGS = dict(policy="mixed_float16", loss_scale="dynamic", dataset="synthetic",
+             datasets=("synthetic", "cifar10"), batch_size=8, epochs=1, steps_per_epoch=None,
+             learning_rate=1e-3, distribution="none")
+
+
+def _model():
+    return keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="relu"),
+                             tfmp.layers.OutputHead(3)])
+
+
+def _data(n=64, batch=8):
+    x, y = tfmp.data.synthetic_text(n, 4, 50, 3, seed=0)  # learnable, small, int ids
+    import tensorflow as tf
+    return tf.data.Dataset.from_tensor_slices((x.astype("float32") / 50, y)).batch(batch)
+
+
+class ArgsTest(TestCase):
+    @parameterized.named_parameters(
+        ("dynamic", "dynamic", None), ("fixed", "128", 128.0), ("float", 0.5, 0.5))
+    def test_parse_loss_scale(self, value, expected):
+        self.assertEqual(training.parse_loss_scale(value), expected)
+
+    @parameterized.named_parameters(
+        ("policy", dict(policy="fp16"), "Unknown `policy`: 'fp16'. Expected one of: "
+         "mixed_float16, mixed_bfloat16, float32, auto."),
+        ("loss_scale_negative", dict(loss_scale="-2"), "`loss_scale` must be 'dynamic' or a "
+         "positive number. Received: loss_scale='-2'"),
+        ("loss_scale_word", dict(loss_scale="static"), "loss_scale='static'"),
+        ("loss_scale_inf", dict(loss_scale="inf"), "loss_scale='inf'"),
+        ("dataset", dict(dataset="mnist"), "Unknown `dataset`: 'mnist'. Expected one of: "
+         "synthetic, cifar10."),
+        ("batch_size", dict(batch_size=0), "`batch_size` must be a positive integer. "
+         "Received: batch_size=0"),
+        ("epochs", dict(epochs=-1), "epochs=-1"),
+        ("steps", dict(steps_per_epoch=0), "steps_per_epoch=0"),
+        ("learning_rate", dict(learning_rate=0.0), "learning_rate=0.0"),
+        ("distribution", dict(distribution="tpu"), "Unknown `distribution`: 'tpu'"),
+    )
+    def test_bad_args(self, override, message):
+        with self.assertRaisesRegex(training.UsageError, message):
+            training.check_args(**{**_ARGS, **override})
+
+    def test_good_args(self):
+        training.check_args(**_ARGS)  # raises nothing
+
+    @parameterized.named_parameters(
+        ("mixed_dynamic", "mixed_float16", "dynamic", True, True, 2.0**15),
+        ("mixed_fixed", "mixed_float16", "512", True, False, 512.0),
+        ("bfloat16", "mixed_bfloat16", "dynamic", False, True, 2.0**15),
+        ("float32", "float32", "dynamic", False, True, 2.0**15),
+    )
+    def test_make_optimizer(self, policy, loss_scale, enabled, dynamic, scale):
+        opt = training.make_optimizer(1e-3, policy, loss_scale)
+        self.assertEqual((opt.enabled, opt.dynamic, opt.initial_scale), (enabled, dynamic, scale))
+        self.assertIsInstance(opt.inner_optimizer, keras.optimizers.Adam)
+
+    def test_run_main_reports_usage_errors_in_one_line(self):
+        def run(**kwargs):
+            training.check_args(**{**_ARGS, **kwargs})
+
+        with mock.patch("sys.stderr") as stderr:
+            self.assertEqual(training.run_main(run, {"batch_size": -4}), 2)
+        written = "".join(call.args[0] for call in stderr.write.call_args_list)
+        self.assertEqual(written.count("\n"), 1)
+        self.assertIn("error: `batch_size` must be a positive integer", written)
+
+
+class TrainAndEvaluateTest(TestCase):
+    def test_trains_logs_backs_up_and_exports(self):
+        model_dir, export_dir = self.tmp_dir(), os.path.join(self.tmp_dir(), "export")
+        results = training.train_and_evaluate(
+            _model, _data(), _data(16), policy="mixed_float16", epochs=2, steps_per_epoch=6,
+            batch_size=8, learning_rate=1e-2, model_dir=model_dir, export_dir=export_dir,
+            verbose=0)
+        self.assertEqual(results["policy"], "mixed_float16")
+        self.assertEqual((results["epochs_run"], results["optimizer_steps"]), (2, 12))
+        self.assertEqual(results["loss_scale"], 2.0**15)
+        self.assertEqual(len(results["examples_per_second"]), 2)
+        self.assertTrue(all(v > 0 for v in results["examples_per_second"]))
+        self.assertTrue(np.isfinite(results["eval_loss"]))
+        self.assertTrue(os.path.isdir(os.path.join(model_dir, "backup", "latest")))
+        self.assertTrue(any(f.startswith("events") for _, _, files in
+                            os.walk(os.path.join(model_dir, "logs")) for f in files))
+        self.assertEqual(tfmp.export.serving_signature(export_dir)["outputs"]["output_0"][0],
+                         "float32")
+
+    def test_resumes_from_backup_with_optimizer_state(self):
+        model_dir = self.tmp_dir()
+        kwargs = dict(policy="mixed_float16", steps_per_epoch=4, batch_size=8,
+                      model_dir=model_dir, verbose=0)
+        first = training.train_and_evaluate(_model, _data(), None, epochs=2, **kwargs)
+        keras.backend.clear_session()
+        second = training.train_and_evaluate(_model, _data(), None, epochs=3, **kwargs)
+        self.assertEqual(first["optimizer_steps"], 8)
+        # Only the third epoch ran, on top of the restored optimizer state.
+        self.assertEqual((second["epochs_run"], second["optimizer_steps"]), (1, 12))
+
+
+class BackupAndRestoreTest(TestCase):
+    def _fit(self, backup_dir, epochs, **kwargs):
+        model = _model()
+        model.compile(optimizer=tfmp.LossScaleOptimizer(keras.optimizers.SGD(0.1)),
+                      loss="sparse_categorical_crossentropy")
+        cb = tfmp.callbacks.BackupAndRestore(backup_dir, delete_checkpoint=False, **kwargs)
+        history = model.fit(_data(), epochs=epochs, callbacks=[cb], verbose=0)
+        return model, history
+
+    def test_a_failed_save_keeps_the_last_complete_backup(self):
+        backup_dir = self.tmp_dir()
+        model, _ = self._fit(backup_dir, epochs=1)
+        saved = [w.copy() for w in model.get_weights()]
+
+        def torn_write(self, filepath, overwrite=True):
+            with open(filepath, "wb") as f:
+                f.write(b"half")
+            raise OSError("disk full")
+
+        with mock.patch.object(keras.Model, "save_weights", torn_write):
+            with self.assertRaisesRegex(OSError, "disk full"):
+                self._fit(backup_dir, epochs=2)
+        keras.backend.clear_session()
+        restored, history = self._fit(backup_dir, epochs=1)  # already done: restores only
+        self.assertEqual(history.history, {})
+        for a, b in zip(saved, restored.get_weights(), strict=True):
+            np.testing.assert_array_equal(a, b)
+        with open(os.path.join(backup_dir, "latest", "training_metadata.json")) as f:
+            self.assertEqual(json.load(f)["epoch"], 1)
+        # The torn directory was cleaned up at the next start.
+        self.assertEqual(len([n for n in os.listdir(backup_dir) if n.startswith("backup-")]), 1)
+
+    def test_non_writer_never_writes(self):
+        backup_dir = os.path.join(self.tmp_dir(), "b")
+        self._fit(backup_dir, epochs=1, write=False)
+        self.assertFalse(os.path.exists(backup_dir))
+
+    def test_throughput_bad_batch_size(self):
+        with self.assertRaisesRegex(ValueError, "`batch_size` must be an integer >= 1. "
+                                    "Received: batch_size=0"):
+            tfmp.callbacks.Throughput(0)

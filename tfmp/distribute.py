@@ -1,0 +1,104 @@
+"""Where `tf.distribute` strategies are made (TensorFlow only).
+
+One function turns the recipes' `--distribution` flag into a strategy:
+`"none"` (the default strategy), `"mirrored"` (all local GPUs, or the logical
+CPUs when there is no GPU) and `"multi_worker"` (reads `TF_CONFIG`).
+
+Example:
+
+    strategy = tfmp.distribute.create_strategy("mirrored")
+    with strategy.scope():
+        model = build_model()
+        model.compile(optimizer=tfmp.LossScaleOptimizer(keras.optimizers.Adam()), ...)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import tensorflow as tf
+
+DISTRIBUTIONS = ("none", "mirrored", "multi_worker")
+
+
+def validate_distribution(distribution: str) -> str:
+    """Returns `distribution` if known, else raises `ValueError` listing the valid names."""
+    if distribution not in DISTRIBUTIONS:
+        raise ValueError(
+            f"Unknown `distribution`: {distribution!r}. Expected one of: "
+            f"{', '.join(DISTRIBUTIONS)}."
+        )
+    return distribution
+
+
+def configure_cpu_replicas(count: int) -> None:
+    """Splits the CPU into `count` logical devices, so `"mirrored"` has replicas without GPUs.
+
+    Must run before TensorFlow initialises its devices (before any op runs).
+
+    Args:
+        count: Logical CPU devices (>= 1).
+    """
+    if not isinstance(count, int) or count < 1:
+        raise ValueError(
+            f"`cpu_replicas` must be an integer >= 1. Received: cpu_replicas={count!r}")
+    if count == 1:
+        return
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    try:
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * count)
+    except RuntimeError as e:  # already initialised
+        have = len(tf.config.list_logical_devices("CPU"))
+        if have != count:
+            raise RuntimeError(
+                f"Cannot split the CPU into {count} devices: TensorFlow is already "
+                f"initialised with {have}. Call configure_cpu_replicas() first."
+            ) from e
+
+
+_STRATEGIES: dict = {}
+
+
+def create_strategy(distribution: str = "none") -> tf.distribute.Strategy:
+    """Creates the strategy for `distribution` (one per process and kind).
+
+    TensorFlow's collective ops do not tolerate two strategies of the same kind
+    in one process well, so the strategy is made once and reused.
+
+    Args:
+        distribution: `"none"`, `"mirrored"` or `"multi_worker"`.
+
+    Returns:
+        A `tf.distribute.Strategy`.
+    """
+    validate_distribution(distribution)
+    if distribution == "none":
+        return tf.distribute.get_strategy()
+    if distribution not in _STRATEGIES:
+        if distribution == "mirrored":
+            gpus = tf.config.list_logical_devices("GPU")
+            devices = [d.name for d in gpus or tf.config.list_logical_devices("CPU")]
+            _STRATEGIES[distribution] = tf.distribute.MirroredStrategy(devices)
+        else:
+            if "TF_CONFIG" not in os.environ:
+                raise ValueError(
+                    "`distribution`='multi_worker' needs the TF_CONFIG environment variable "
+                    "(run through `python -m tools.launch_local --num_workers=N -- ...` or set "
+                    "it as for tf.distribute.MultiWorkerMirroredStrategy)."
+                )
+            _STRATEGIES[distribution] = tf.distribute.MultiWorkerMirroredStrategy()
+    return _STRATEGIES[distribution]
+
+
+def is_chief(strategy: tf.distribute.Strategy | None = None) -> bool:
+    """Whether this process is the chief (writes checkpoints, logs and exports)."""
+    strategy = strategy or tf.distribute.get_strategy()
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return True
+    if resolver.task_type == "chief":
+        return True
+    has_chief = "chief" in json.loads(os.environ.get("TF_CONFIG", "{}")).get("cluster", {})
+    return resolver.task_type == "worker" and resolver.task_id == 0 and not has_chief

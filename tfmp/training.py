@@ -1,0 +1,268 @@
+"""What the recipes share: their flags, argument checks and the training loop (TensorFlow only).
+
+A recipe defines its flags with `define_flags`, checks them with `check_args`
+before building anything, and calls `train_and_evaluate` with a model builder
+and its datasets. Checkpoints (atomic `BackupAndRestore`, loss-scale state
+included), TensorBoard logs, the loss-scale monitor, throughput and the
+SavedModel export are handled here, the same way for every recipe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import sys
+from collections.abc import Callable, Iterator
+
+import keras
+from absl import flags
+
+from tfmp import callbacks as tfmp_callbacks
+from tfmp import distribute, losses, policies
+from tfmp.optimizers import LossScaleOptimizer
+
+
+class UsageError(ValueError):
+    """A bad recipe or tool argument: reported as one line, with a non-zero exit."""
+
+
+@contextlib.contextmanager
+def usage_errors() -> Iterator[None]:
+    """Turns the `ValueError`s of argument checks inside the block into `UsageError`s."""
+    try:
+        yield
+    except UsageError:
+        raise
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def run_main(run: Callable[..., dict], values: dict, **extra) -> int:
+    """Calls a recipe's `run(**values, **extra)` for its `main`, printing the result.
+
+    Returns:
+        The exit status: 0, or 2 after a one-line error on stderr for a bad
+        argument or a dataset that is not prepared.
+    """
+    logging.getLogger("tensorflow").setLevel(logging.WARNING)
+    try:
+        results = run(**values, **extra)
+    except (UsageError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print("results: " + json.dumps(results, sort_keys=True))
+    return 0
+
+
+def parse_loss_scale(value: str | float) -> float | None:
+    """Parses `--loss_scale`: `"dynamic"` gives None, else a positive finite number.
+
+    Args:
+        value: `"dynamic"` or a number (string or float).
+
+    Returns:
+        None for dynamic scaling, else the fixed scale.
+    """
+    if value == "dynamic":
+        return None
+    try:
+        scale = float(value)
+    except (TypeError, ValueError):
+        scale = float("nan")
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(
+            f"`loss_scale` must be 'dynamic' or a positive number. Received: loss_scale={value!r}")
+    return scale
+
+
+def _positive(name: str, value, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value!r}")
+
+
+def check_args(*, policy: str, loss_scale: str, dataset: str, datasets: tuple, batch_size: int,
+               epochs: int, steps_per_epoch: int | None, learning_rate: float,
+               distribution: str) -> None:
+    """Refuses bad recipe arguments before any model is built.
+
+    Raises:
+        UsageError: naming the argument, the value received and what is allowed.
+    """
+    with usage_errors():
+        _check_args(policy=policy, loss_scale=loss_scale, dataset=dataset, datasets=datasets,
+                    batch_size=batch_size, epochs=epochs, steps_per_epoch=steps_per_epoch,
+                    learning_rate=learning_rate, distribution=distribution)
+
+
+def _check_args(*, policy, loss_scale, dataset, datasets, batch_size, epochs, steps_per_epoch,
+                learning_rate, distribution) -> None:
+    policies.validate_policy_name(policy)
+    parse_loss_scale(loss_scale)
+    if dataset not in datasets:
+        raise ValueError(
+            f"Unknown `dataset`: {dataset!r}. Expected one of: {', '.join(datasets)}.")
+    _positive("batch_size", batch_size)
+    _positive("epochs", epochs)
+    _positive("steps_per_epoch", steps_per_epoch, allow_none=True)
+    if not (isinstance(learning_rate, (int, float)) and learning_rate > 0):
+        raise ValueError(
+            f"`learning_rate` must be a positive number. Received: learning_rate={learning_rate!r}")
+    distribute.validate_distribution(distribution)
+
+
+def make_optimizer(learning_rate: float, policy: str, loss_scale: str = "dynamic"
+                   ) -> LossScaleOptimizer:
+    """Adam wrapped in tfmp's LossScaleOptimizer, scaling only under `mixed_float16`.
+
+    Args:
+        learning_rate: Adam's learning rate.
+        policy: The resolved policy name.
+        loss_scale: `"dynamic"` or a fixed positive scale.
+
+    Returns:
+        A `tfmp.LossScaleOptimizer`.
+    """
+    fixed = parse_loss_scale(loss_scale)
+    kwargs = {} if fixed is None else {
+        "initial_scale": fixed, "dynamic": False,
+        "min_scale": min(1.0, fixed), "max_scale": max(2.0**24, fixed)}
+    return LossScaleOptimizer(keras.optimizers.Adam(learning_rate),
+                              enabled=policy == "mixed_float16", **kwargs)
+
+
+def train_and_evaluate(
+    build_model: Callable[[], keras.Model],
+    train_data,
+    eval_data,
+    *,
+    policy: str,
+    loss_scale: str = "dynamic",
+    learning_rate: float = 1e-3,
+    epochs: int = 1,
+    steps_per_epoch: int | None = None,
+    batch_size: int,
+    jit_compile: bool = False,
+    distribution: str = "none",
+    model_dir: str | None = None,
+    export_dir: str | None = None,
+    verbose: int = 2,
+) -> dict:
+    """Compiles, fits (resumably), evaluates and optionally exports a model.
+
+    Args:
+        build_model: Called under the policy and the strategy's scope; returns a
+            built model whose output is class probabilities.
+        train_data: Training dataset of `(inputs, labels)` batches of `batch_size`.
+        eval_data: Evaluation dataset, or None.
+        policy: Policy name (`"auto"` allowed).
+        loss_scale: `"dynamic"` or a fixed positive scale.
+        learning_rate: Adam's learning rate.
+        epochs: Epochs to train.
+        steps_per_epoch: Steps per epoch, or None for a full pass.
+        batch_size: Global batch size (for examples/second).
+        jit_compile: Whether to XLA-compile the train step.
+        distribution: `"none"`, `"mirrored"` or `"multi_worker"`.
+        model_dir: Directory for backups (`backup/`) and TensorBoard logs (`logs/`).
+        export_dir: If set, a float32 SavedModel is exported there.
+        verbose: Keras `fit` verbosity.
+
+    Returns:
+        A dict of final metrics: `policy`, `loss`, `accuracy`, `eval_loss`,
+        `eval_accuracy`, `loss_scale`, `skipped_steps`, `optimizer_steps` (applied
+        steps, over resumed runs too), `examples_per_second` (one value per epoch
+        run), `epochs_run` (in this run), `export_dir`.
+    """
+    resolved = policies.set_global_policy(policy)
+    strategy = distribute.create_strategy(distribution)
+    chief = distribute.is_chief(strategy)
+    with strategy.scope():
+        model = build_model()
+        optimizer = make_optimizer(learning_rate, resolved, loss_scale)
+        model.compile(optimizer=optimizer, loss=losses.SparseCategoricalCrossentropy(),
+                      metrics=["accuracy"], jit_compile=jit_compile)
+    callbacks = [tfmp_callbacks.Throughput(batch_size)]
+    if resolved == "mixed_float16":
+        log_dir = os.path.join(model_dir, "logs", "loss_scale") if model_dir and chief else None
+        callbacks.append(tfmp_callbacks.LossScaleMonitor(log_dir=log_dir))
+    if model_dir:
+        callbacks.append(tfmp_callbacks.BackupAndRestore(
+            os.path.join(model_dir, "backup"), delete_checkpoint=False, write=chief))
+        if chief:
+            callbacks.append(keras.callbacks.TensorBoard(os.path.join(model_dir, "logs")))
+    if steps_per_epoch:
+        train_data = train_data.repeat()  # epochs of steps_per_epoch steps never run dry
+    history = model.fit(train_data, epochs=epochs, steps_per_epoch=steps_per_epoch,
+                        callbacks=callbacks, verbose=verbose)
+    results = {
+        "policy": resolved,
+        "loss": _last(history, "loss"),
+        "accuracy": _last(history, "accuracy"),
+        "examples_per_second": history.history.get("examples_per_second", []),
+        "epochs_run": len(history.history.get("loss", [])),
+        "loss_scale": float(keras.ops.convert_to_numpy(optimizer.loss_scale)),
+        "skipped_steps": int(keras.ops.convert_to_numpy(optimizer.skipped_steps)),
+        "optimizer_steps": int(keras.ops.convert_to_numpy(optimizer.iterations)),
+    }
+    if eval_data is not None:
+        evaluated = model.evaluate(eval_data, verbose=0, return_dict=True)
+        results.update(eval_loss=evaluated["loss"], eval_accuracy=evaluated["accuracy"])
+    results["export_dir"] = None
+    if export_dir and chief:
+        from tfmp import export
+
+        results["export_dir"] = export.export_saved_model(model, export_dir)
+    return results
+
+
+def _last(history, key):
+    values = history.history.get(key)
+    return float(values[-1]) if values else None
+
+
+def define_flags(*, datasets: tuple, default_dataset: str, default_batch_size: int = 128,
+                 default_epochs: int = 10, default_learning_rate: float = 1e-3) -> dict:
+    """Defines the flags every recipe has (at import time of the recipe module).
+
+    Args:
+        datasets: Dataset names the recipe accepts.
+        default_dataset: The default `--dataset`.
+        default_batch_size: The default global `--batch_size`.
+        default_epochs: The default `--epochs`.
+        default_learning_rate: The default `--learning_rate`.
+
+    Returns:
+        Flag holders by name; `flag_values(holders)` reads them.
+    """
+    return {
+        "policy": flags.DEFINE_string(
+            "policy", "mixed_float16", f"Dtype policy: {', '.join(policies.POLICY_CHOICES)}."),
+        "loss_scale": flags.DEFINE_string(
+            "loss_scale", "dynamic", "'dynamic' or a positive number for a fixed loss scale."),
+        "dataset": flags.DEFINE_string(
+            "dataset", default_dataset, f"Dataset: {', '.join(datasets)}."),
+        "data_dir": flags.DEFINE_string("data_dir", None, "TFDS data directory."),
+        "batch_size": flags.DEFINE_integer("batch_size", default_batch_size, "Global batch size."),
+        "epochs": flags.DEFINE_integer("epochs", default_epochs, "Epochs to train."),
+        "steps_per_epoch": flags.DEFINE_integer(
+            "steps_per_epoch", None, "Steps per epoch (default: one pass over the data)."),
+        "learning_rate": flags.DEFINE_float("learning_rate", default_learning_rate, "Adam's rate."),
+        "jit_compile": flags.DEFINE_bool("jit_compile", False, "XLA-compile the train step."),
+        "distribution": flags.DEFINE_string(
+            "distribution", "none", f"One of: {', '.join(distribute.DISTRIBUTIONS)}."),
+        "cpu_replicas": flags.DEFINE_integer(
+            "cpu_replicas", 1, "Logical CPU devices for --distribution=mirrored without GPUs."),
+        "model_dir": flags.DEFINE_string(
+            "model_dir", None, "Checkpoints (resumed from) and TensorBoard logs."),
+        "export_dir": flags.DEFINE_string("export_dir", None, "Where to write a SavedModel."),
+        "seed": flags.DEFINE_integer("seed", 0, "Random seed."),
+    }
+
+
+def flag_values(holders: dict) -> dict:
+    """The values of the flags `define_flags` returned, by name."""
+    return {name: holder.value for name, holder in holders.items()}
