@@ -18,7 +18,6 @@ _FLAGS = tfmp.training.define_flags(datasets=tfmp.data.IMAGE_DATASETS,
 _MODEL = flags.DEFINE_string("model", "resnet_mini",
                              f"One of: {', '.join(tfmp.models.IMAGE_MODELS)}.")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 32, "Side of the square input images.")
-_NUM_SYNTHETIC = flags.DEFINE_integer("num_synthetic", 2048, "Examples of the synthetic set.")
 
 
 def run(*, policy: str = "mixed_float16", loss_scale: str = "dynamic", dataset: str = "synthetic",
@@ -65,8 +64,7 @@ def main(argv):
     values = tfmp.training.flag_values(_FLAGS)
     tfmp.distribute.configure_cpu_replicas(values.pop("cpu_replicas"))
     sys.exit(tfmp.training.run_main(run, values, model=_MODEL.value,
-                                    image_size=_IMAGE_SIZE.value,
-                                    num_synthetic=_NUM_SYNTHETIC.value))
+                                    image_size=_IMAGE_SIZE.value))
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ _VOCAB_SIZE = flags.DEFINE_integer("vocab_size", 20_000, "Hashed vocabulary size
 _EMBED_DIM = flags.DEFINE_integer("embed_dim", 64, "Model width (a multiple of 8).")
 _NUM_HEADS = flags.DEFINE_integer("num_heads", 4, "Attention heads.")
 _NUM_LAYERS = flags.DEFINE_integer("num_layers", 2, "Encoder blocks.")
-_NUM_SYNTHETIC = flags.DEFINE_integer("num_synthetic", 2048, "Examples of the synthetic set.")
 
 
 def run(*, policy: str = "mixed_float16", loss_scale: str = "dynamic",
@@ -72,8 +71,7 @@ def main(argv):
     tfmp.distribute.configure_cpu_replicas(values.pop("cpu_replicas"))
     sys.exit(tfmp.training.run_main(
         run, values, seq_len=_SEQ_LEN.value, vocab_size=_VOCAB_SIZE.value,
-        embed_dim=_EMBED_DIM.value, num_heads=_NUM_HEADS.value, num_layers=_NUM_LAYERS.value,
-        num_synthetic=_NUM_SYNTHETIC.value))
+        embed_dim=_EMBED_DIM.value, num_heads=_NUM_HEADS.value, num_layers=_NUM_LAYERS.value))
 
 
 if __name__ == "__main__":

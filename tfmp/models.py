@@ -121,9 +121,9 @@ def text_classifier(seq_len: int, vocab_size: int, num_classes: int, *, embed_di
     """Builds a Transformer encoder classifier from tfmp's float32-safe layers.
 
     Token and position embeddings, `num_layers` post-norm encoder blocks
-    (`tfmp.layers.MultiHeadAttention` with float32 softmax,
-    `tfmp.layers.LayerNormalization` with float32 statistics), mean pooling over
-    non-padding tokens (id 0 is padding) and a float32 softmax head.
+    (`tfmp.layers.MultiHeadAttention` with float32 softmax, padding (id 0) masked,
+    `tfmp.layers.LayerNormalization` with float32 statistics), mean pooling and a
+    float32 softmax head.
 
     Args:
         seq_len: Tokens per example.
@@ -152,6 +152,7 @@ def text_classifier(seq_len: int, vocab_size: int, num_classes: int, *, embed_di
         ff = keras.layers.Dense(ff_dim, activation="relu")(x)
         ff = keras.layers.Dropout(dropout)(keras.layers.Dense(embed_dim)(ff))
         x = tfmp_layers.LayerNormalization()(x + ff)
-    x = keras.layers.GlobalAveragePooling1D()(x, mask=padding)
+    # Unmasked mean: a masked one divides by zero on an all-padding example.
+    x = keras.layers.GlobalAveragePooling1D()(x)
     outputs = tfmp_layers.OutputHead(num_classes, name="probs")(x)
     return keras.Model(tokens, outputs, name="transformer_classifier")

@@ -236,31 +236,37 @@ def define_flags(*, datasets: tuple, default_dataset: str, default_batch_size: i
         default_learning_rate: The default `--learning_rate`.
 
     Returns:
-        Flag holders by name; `flag_values(holders)` reads them.
+        Flag holders by name; `flag_values(holders)` reads them. Flags already
+        defined (when two recipes are imported into one process, as in tests)
+        are reused, with the first recipe's defaults.
     """
-    return {
-        "policy": flags.DEFINE_string(
-            "policy", "mixed_float16", f"Dtype policy: {', '.join(policies.POLICY_CHOICES)}."),
-        "loss_scale": flags.DEFINE_string(
-            "loss_scale", "dynamic", "'dynamic' or a positive number for a fixed loss scale."),
-        "dataset": flags.DEFINE_string(
-            "dataset", default_dataset, f"Dataset: {', '.join(datasets)}."),
-        "data_dir": flags.DEFINE_string("data_dir", None, "TFDS data directory."),
-        "batch_size": flags.DEFINE_integer("batch_size", default_batch_size, "Global batch size."),
-        "epochs": flags.DEFINE_integer("epochs", default_epochs, "Epochs to train."),
-        "steps_per_epoch": flags.DEFINE_integer(
-            "steps_per_epoch", None, "Steps per epoch (default: one pass over the data)."),
-        "learning_rate": flags.DEFINE_float("learning_rate", default_learning_rate, "Adam's rate."),
-        "jit_compile": flags.DEFINE_bool("jit_compile", False, "XLA-compile the train step."),
-        "distribution": flags.DEFINE_string(
-            "distribution", "none", f"One of: {', '.join(distribute.DISTRIBUTIONS)}."),
-        "cpu_replicas": flags.DEFINE_integer(
-            "cpu_replicas", 1, "Logical CPU devices for --distribution=mirrored without GPUs."),
-        "model_dir": flags.DEFINE_string(
-            "model_dir", None, "Checkpoints (resumed from) and TensorBoard logs."),
-        "export_dir": flags.DEFINE_string("export_dir", None, "Where to write a SavedModel."),
-        "seed": flags.DEFINE_integer("seed", 0, "Random seed."),
+    string, integer, real, boolean = (
+        flags.DEFINE_string, flags.DEFINE_integer, flags.DEFINE_float, flags.DEFINE_bool)
+    definitions = {
+        "policy": (string, "mixed_float16",
+                   f"Dtype policy: {', '.join(policies.POLICY_CHOICES)}."),
+        "loss_scale": (string, "dynamic", "'dynamic' or a positive number (a fixed scale)."),
+        "dataset": (string, default_dataset, f"Dataset: {', '.join(datasets)}."),
+        "data_dir": (string, None, "TFDS data directory."),
+        "batch_size": (integer, default_batch_size, "Global batch size."),
+        "epochs": (integer, default_epochs, "Epochs to train."),
+        "steps_per_epoch": (integer, None, "Steps per epoch (default: one pass over the data)."),
+        "learning_rate": (real, default_learning_rate, "Adam's learning rate."),
+        "jit_compile": (boolean, False, "XLA-compile the train step."),
+        "distribution": (string, "none", f"One of: {', '.join(distribute.DISTRIBUTIONS)}."),
+        "cpu_replicas": (integer, 1, "Logical CPUs for --distribution=mirrored without GPUs."),
+        "model_dir": (string, None, "Checkpoints (resumed from) and TensorBoard logs."),
+        "export_dir": (string, None, "Where to write a float32 SavedModel."),
+        "seed": (integer, 0, "Random seed."),
+        "num_synthetic": (integer, 2048, "Examples per split of a synthetic dataset."),
     }
+    holders = {}
+    for name, (define, default, help_text) in definitions.items():
+        if name in flags.FLAGS:  # a second recipe imported in the same process (tests)
+            holders[name] = flags.FlagHolder(flags.FLAGS, flags.FLAGS[name])
+        else:
+            holders[name] = define(name, default, help_text)
+    return holders
 
 
 def flag_values(holders: dict) -> dict:

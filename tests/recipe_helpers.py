@@ -1,0 +1,32 @@
+"""Helpers for the recipe tests: run a recipe module as a user would."""
+
+import json
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO)
+
+
+def command(module: str, *flags: str) -> list[str]:
+    return [sys.executable, "-m", module, *flags]
+
+
+def run_cli(module: str, *flags: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(command(module, *flags), cwd=REPO, env=ENV, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def results_of(stdout: str) -> dict:
+    """The `results: {...}` line a recipe prints last."""
+    lines = [line for line in stdout.splitlines() if line.startswith("results: ")]
+    if not lines:
+        raise AssertionError(f"no results line in:\n{stdout}")
+    return json.loads(lines[-1][len("results: "):])
+
+
+def error_lines(stderr: str) -> list[str]:
+    """stderr without TensorFlow's start-up log lines."""
+    noise = ("I0000", "W0000", "E0000", "WARNING: All log messages", "I1", "W1", "E1")
+    return [line for line in stderr.splitlines() if line and not line.startswith(noise)]
