@@ -1,0 +1,85 @@
+"""Prints the dtype policy of every layer of a saved `.keras` model.
+
+python -m tools.inspect_policy model.keras [--json]
+
+One row a layer: name, type, policy, compute/variable/output dtype, and the
+Dense/Conv/Embedding/attention dimensions that are not multiples of 8 (see
+`tfmp.convert.summary`). With `--json`, prints the rows as a JSON list instead
+of the table. The model is loaded with `safe_mode=True` and `compile=False` (no
+Lambda code, no pickles, no optimizer). A missing or unreadable file prints one
+`error:` line on stderr and exits with status 1 (checked before TensorFlow is
+imported; TensorFlow's own C++ start-up lines may still reach stderr after that).
+"""
+
+import json
+import os
+import sys
+import zipfile
+from collections.abc import Callable
+from typing import Any
+
+from absl import app, flags
+
+_JSON = flags.DEFINE_boolean("json", False, "Print the rows as JSON instead of a table.")
+
+
+def inspect_policy(
+    path: str, *, as_json: bool = False, print_fn: Callable[[str], Any] = print
+) -> list[dict[str, Any]]:
+    """Loads the model at `path` safely and prints its per-layer dtype report.
+
+    Args:
+        path: Path of a `.keras` model file.
+        as_json: Print the rows as one JSON document instead of a table.
+        print_fn: Called with the output (each table line, or the JSON text).
+
+    Returns:
+        The rows, as returned by `tfmp.convert.summary`.
+
+    Raises:
+        ValueError: if `path` is not a readable `.keras` archive, or Keras
+            cannot load it in safe mode.
+
+    Example:
+
+        rows = inspect_policy("model.keras", as_json=True)
+    """
+    # File checks come before the (slow) TensorFlow import.
+    if not os.path.isfile(path):
+        raise ValueError(f"`path` is not a file. Received: path={path!r}")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"`path` is not a `.keras` zip archive. Received: path={path!r}")
+    import keras
+
+    import tfmp.convert
+
+    try:
+        model = keras.saving.load_model(path, safe_mode=True, compile=False)
+    except Exception as e:
+        raise ValueError(
+            f"could not load `path` as a Keras model in safe mode ({type(e).__name__}: {e}). "
+            f"Received: path={path!r}"
+        ) from e
+    if not as_json:
+        return tfmp.convert.summary(model, print_fn=print_fn)
+    rows = tfmp.convert.summary(model, print_fn=lambda line: None)
+    print_fn(json.dumps(rows, indent=2))
+    return rows
+
+
+def main(argv):
+    try:
+        if len(argv) != 2:
+            raise ValueError(
+                "expected exactly one model path: python -m tools.inspect_policy "
+                f"model.keras [--json]. Received: {argv[1:]}"
+            )
+        inspect_policy(argv[1], as_json=_JSON.value)
+    except Exception as e:  # A CLI error is one line, not a traceback.
+        message = " ".join(str(e).split())
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    app.run(main)
