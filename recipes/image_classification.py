@@ -43,6 +43,8 @@ def run(*, policy: str = "mixed_float16", loss_scale: str = "dynamic", dataset: 
     with tfmp.training.usage_errors():
         tfmp.models.validate_image_model(model)
         info = tfmp.data.dataset_info(dataset, image_size=image_size)
+    # Before any TensorFlow op: MultiWorkerMirroredStrategy must come first.
+    tfmp.distribute.create_strategy(distribution)
     if dataset_override is not None:
         train, evaluation = dataset_override
     else:

@@ -47,6 +47,8 @@ def run(*, policy: str = "mixed_float16", loss_scale: str = "dynamic",
         if embed_dim % num_heads:
             raise ValueError(f"`num_heads` must divide `embed_dim` ({embed_dim}). "
                              f"Received: num_heads={num_heads}")
+    # Before any TensorFlow op: MultiWorkerMirroredStrategy must come first.
+    tfmp.distribute.create_strategy(distribution)
     if dataset_override is not None:
         train, evaluation = dataset_override
     else:

@@ -318,23 +318,6 @@ class DistributeTest(TestCase):
         with self.assertRaises(AssertionError):
             self._check_fit_with_nan_in_second_half(STOCK)
 
-    def test_mirrored_equals_single_device_with_clipping(self):
-        x, y = _regression_data(16)
-
-        def train(strategy):
-            with strategy.scope():
-                model = _mlp()
-                opt = tfmp.LossScaleOptimizer(
-                    keras.optimizers.SGD(0.1, global_clipnorm=0.5), initial_scale=2.0**8)
-                model.compile(optimizer=opt, loss="mse")
-            model.fit(x, y, batch_size=16, epochs=3, shuffle=False, verbose=0)
-            return model.get_weights()
-
-        single = train(tf.distribute.get_strategy())
-        mirrored = train(two_replica_strategy())
-        for a, b in zip(single, mirrored, strict=True):
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-
 
 class SerializationTest(TestCase):
     FULL = dict(initial_scale=64.0, dynamic_growth_steps=7, dynamic=False, growth_factor=3.0,

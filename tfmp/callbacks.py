@@ -185,8 +185,12 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
         backup_dir: Directory for the backups (used by this callback only).
         save_freq: `"epoch"` or a number of steps between backups.
         delete_checkpoint: Remove the backups when `fit` completes.
-        write: Whether this process writes backups. Under multi-worker training
-            only the chief writes; every worker restores from the same backup.
+        write: Whether this process keeps its backups. Under multi-worker
+            training only the chief keeps them; the other workers still save
+            (reading variables that are synchronised on read, such as batch
+            normalisation statistics, is a collective every worker must join),
+            into a temporary directory that is removed at once. Every worker
+            restores from the chief's backup.
 
     Example:
 
@@ -221,6 +225,11 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
 
     def _save_model(self):
         if not self.write:
+            scratch = tempfile.mkdtemp(prefix="tfmp-backup-")
+            try:
+                self.model.save_weights(os.path.join(scratch, "scratch.weights.h5"))
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
             return
         os.makedirs(self.backup_dir, exist_ok=True)
         latest = os.path.join(self.backup_dir, self._LATEST)

@@ -14,8 +14,10 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 
 import tensorflow as tf
 
@@ -102,3 +104,48 @@ def is_chief(strategy: tf.distribute.Strategy | None = None) -> bool:
         return True
     has_chief = "chief" in json.loads(os.environ.get("TF_CONFIG", "{}")).get("cluster", {})
     return resolver.task_type == "worker" and resolver.task_id == 0 and not has_chief
+
+
+@contextlib.contextmanager
+def keras_fit_scope(model, strategy: tf.distribute.Strategy) -> Iterator[None]:
+    """Works around Keras 3's `fit`/`evaluate` failures under MultiWorkerMirroredStrategy.
+
+    Keras 3.15 (keras-team/keras#20585, tensorflow/tensorflow#72388) fails twice
+    with more than one worker: its symbolic build eagerly reduces a per-replica
+    batch ("Attempt to convert a value (PerReplica...)"), and its train step
+    reduces the scalar logs with `axis=0` ("Invalid reduction dimension 0 for
+    input with 0 dimensions"). Inside this scope the build is deferred to the
+    tracing of the train step (the model's strategy comes from the scope
+    instead), and the logs are averaged over all replicas with `axis=None`.
+    Gradients and the loss scale are synchronised by tfmp's optimizer as ever.
+    Other strategies are untouched.
+
+    Args:
+        model: A compiled Keras model created under `strategy.scope()`.
+        strategy: The strategy it was created with.
+    """
+    multi_worker = (isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+                    and strategy.extended._in_multi_worker_mode())
+    if not multi_worker:
+        yield
+        return
+    from keras.src.backend.tensorflow import trainer as keras_tf_trainer
+
+    original = keras_tf_trainer.reduce_per_replica
+
+    def reduce_per_replica(values, strategy, reduction):
+        if reduction not in ("auto", "mean"):
+            return original(values, strategy, reduction)
+        return tf.nest.map_structure(
+            lambda v: strategy.reduce("MEAN", v, axis=None)
+            if isinstance(v, tf.distribute.DistributedValues) else v, values)
+
+    saved_strategy = model._distribute_strategy
+    model._distribute_strategy = None
+    keras_tf_trainer.reduce_per_replica = reduce_per_replica
+    try:
+        with strategy.scope():
+            yield
+    finally:
+        model._distribute_strategy = saved_strategy
+        keras_tf_trainer.reduce_per_replica = original

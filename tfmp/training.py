@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 
 import keras
@@ -47,7 +48,10 @@ def run_main(run: Callable[..., dict], values: dict, **extra) -> int:
         The exit status: 0, or 2 after a one-line error on stderr for a bad
         argument or a dataset that is not prepared.
     """
-    logging.getLogger("tensorflow").setLevel(logging.WARNING)
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.WARNING)  # TensorFlow's INFO chatter
+    logging.getLogger("tfmp").setLevel(logging.INFO)  # e.g. why "auto" chose a policy
     try:
         results = run(**values, **extra)
     except (UsageError, FileNotFoundError) as e:
@@ -196,8 +200,9 @@ def train_and_evaluate(
             callbacks.append(keras.callbacks.TensorBoard(os.path.join(model_dir, "logs")))
     if steps_per_epoch:
         train_data = train_data.repeat()  # epochs of steps_per_epoch steps never run dry
-    history = model.fit(train_data, epochs=epochs, steps_per_epoch=steps_per_epoch,
-                        callbacks=callbacks, verbose=verbose)
+    with distribute.keras_fit_scope(model, strategy):
+        history = model.fit(train_data, epochs=epochs, steps_per_epoch=steps_per_epoch,
+                            callbacks=callbacks, verbose=verbose)
     results = {
         "policy": resolved,
         "loss": _last(history, "loss"),
@@ -209,13 +214,18 @@ def train_and_evaluate(
         "optimizer_steps": int(keras.ops.convert_to_numpy(optimizer.iterations)),
     }
     if eval_data is not None:
-        evaluated = model.evaluate(eval_data, verbose=0, return_dict=True)
+        with distribute.keras_fit_scope(model, strategy):
+            evaluated = model.evaluate(eval_data, verbose=0, return_dict=True)
         results.update(eval_loss=evaluated["loss"], eval_accuracy=evaluated["accuracy"])
     results["export_dir"] = None
-    if export_dir and chief:
+    if export_dir:
         from tfmp import export
 
-        results["export_dir"] = export.export_saved_model(model, export_dir)
+        if chief:
+            results["export_dir"] = export.export_saved_model(model, export_dir)
+        else:  # every worker must join the variable reads; only the chief keeps the result
+            with tempfile.TemporaryDirectory(prefix="tfmp-export-") as scratch:
+                export.export_saved_model(model, os.path.join(scratch, "export"))
     return results
 
 
