@@ -345,6 +345,25 @@ class ApplyPolicyTest(TestCase):
             tfmp.convert.apply_policy(model, "mixed_bfloat16").optimizer,
             keras.optimizers.LossScaleOptimizer)
 
+    def test_graph_with_keras_ops_calls(self):
+        # The text recipe's model adds tensors and builds its mask with `keras.ops`
+        # calls, which are graph nodes but not layers.
+        model = tfmp.models.text_classifier(16, 100, 2, embed_dim=16, num_heads=2, num_layers=1)
+        self.assertTrue(any(not isinstance(op, keras.layers.Layer) for op in model.operations))
+        new = tfmp.convert.apply_policy(model)
+        x = np.random.default_rng(0).integers(1, 100, (4, 16))
+        np.testing.assert_allclose(_np(new(x)), _np(model(x)), atol=2e-3)
+        norms = [layer for layer in new.layers if isinstance(layer, tfmp.layers.LayerNormalization)]
+        self.assertTrue(norms)
+        self.assertTrue(all(layer.dtype_policy.name == "float32" for layer in norms))
+
+    def test_tfmp_softmax_stays_float32_without_float32_layers(self):
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(4), tfmp.layers.Softmax(),
+                                  keras.layers.Dense(2)])
+        new = tfmp.convert.apply_policy(model, float32_layers=())
+        self.assertEqual([layer.dtype_policy.name for layer in new.layers],
+                         ["mixed_float16", "float32", "float32"])
+
     def test_subclassed_model_is_rejected(self):
         class Net(keras.Model):
             def __init__(self):

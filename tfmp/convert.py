@@ -82,6 +82,7 @@ from keras import tree
 # outputs)` returns an instance of it.
 from keras.src.models.functional import Functional
 
+from tfmp import layers as tfmp_layers
 from tfmp import policies
 
 # Activations computed in float32 (see the module docstring).
@@ -225,7 +226,11 @@ class _Converter:
         outputs = {id(layer) for layer in _output_layers(model)} if outputs_float32 else set()
 
         def clone_function(layer):
-            float32 = all_float32 or self.wants_float32(layer)
+            if not isinstance(layer, keras.layers.Layer):
+                return layer  # a `keras.ops` call in the graph: stateless, follows its inputs
+            # tfmp's Softmax computes in float32 only and refuses other policies.
+            float32 = (all_float32 or isinstance(layer, tfmp_layers.Softmax)
+                       or self.wants_float32(layer))
             if _is_graph_model(layer):
                 return self.convert(layer, all_float32=float32,
                                     outputs_float32=id(layer) in outputs)

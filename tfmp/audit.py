@@ -1,0 +1,891 @@
+"""Precision audit: which layers overflow or underflow in float16, and what loss scale to use.
+
+TensorFlow-specific: gradients are taken with `tf.GradientTape`.
+
+`audit_model(model, x, y)` runs one batch through two copies of `model` that
+share its weights: a float32 copy (the reference) and a copy under the mixed
+policy. For every layer it reports
+
+- `max_abs_activation` and `min_abs_activation`: the largest and the smallest
+  non-zero |activation| of the float32 run;
+- `overflow`: the float32 activation does not fit the dtype the layer outputs
+  in the mixed run (|a| > 65504 for float16), or the mixed run turns finite
+  inputs into inf/NaN inside the layer;
+- `underflow_fraction`: the share of the non-zero float32 activations below
+  the smallest value that dtype keeps (float16: the smallest subnormal, 2**-24;
+  bfloat16: the smallest normal, 2**-126, as its subnormals are usually
+  flushed), which become 0 in the mixed run;
+- `relative_error`: `||mixed - float32|| / ||float32||` of the layer's output
+  (`inf`, `None` in `to_dict()`, when the mixed output is not finite);
+- `recommend_float32` and `reason`: whether the layer should compute in float32
+  (see below). Layers already float32 in the mixed run are never recommended.
+
+A layer is recommended for float32 when it computes in float16/bfloat16 and
+
+1. it overflows, or more than `UNDERFLOW_THRESHOLD` of its non-zero
+   activations underflow;
+2. one of its inputs comes from a layer whose float32 activations are out of
+   its range (too large, or more than `UNDERFLOW_THRESHOLD` too small): Keras
+   casts a layer's inputs to its compute dtype, so a float32 producer alone does
+   not help while its consumer casts the values back to float16;
+3. it feeds a `keras.ops` call (`x + y`, `ops.exp`...) that overflows or
+   underflows: such calls have no policy and follow their inputs' dtype;
+4. its relative error exceeds `ERROR_THRESHOLD` and is at least `ERROR_JUMP`
+   times the largest relative error of its inputs: the error appears here
+   rather than being inherited.
+
+Gradients (when `y` is given) are taken in the float32 copy, for the trainable
+weights and for every top-level layer output (the activation gradients that
+flow in float16 through a mixed backward pass). The report gives a log2
+histogram of their non-zero magnitudes, the share that would underflow in
+float16 without loss scaling and with the scale used (`loss_scale`, else the
+recommended one), and `recommended_initial_scale`: the largest power of two
+that keeps the largest scaled gradient below 65504 with `GRADIENT_HEADROOM`
+(2**-5: 32x, five doublings of room for other batches and for the training to
+come), clamped to [`MIN_LOSS_SCALE`, `MAX_LOSS_SCALE`] = [1, 2**24] (2**24 when
+every gradient is zero). Under bfloat16 no loss scaling is needed, so the
+recommendation is None.
+
+Scope: the model must be Sequential or Functional (what
+`tfmp.convert.apply_policy` clones). Nested Sequential/Functional models are
+recursed into: their layers are reported as `outer/inner`, and
+`recommended_float32_layers` lists their bare names, which `apply_policy`
+matches at any depth. Any other layer with sub-layers (e.g.
+`MultiHeadAttention`) is one row. A layer called more than once is audited at
+its first call. The batch runs in inference mode unless `training=True`
+(dropout would otherwise make the two runs differ).
+
+Example:
+
+    report = tfmp.audit.audit_model(model, x, y, loss="sparse_categorical_crossentropy")
+    print(report)                       # one row a layer, then the gradients
+    fixed = tfmp.convert.apply_policy(
+        model, "mixed_float16", float32_names=report.recommended_float32_layers)
+    fixed.compile(tfmp.LossScaleOptimizer(keras.optimizers.Adam(),
+                                          initial_scale=report.recommended_initial_scale),
+                  "sparse_categorical_crossentropy")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+from keras.src.ops.function import make_node_key
+
+from tfmp import convert, policies
+from tfmp import layers as tfmp_layers
+
+FLOAT16_MAX = 65504.0
+FLOAT16_TINY = 2.0**-24  # Smallest float16 subnormal: smaller values flush to 0.
+BFLOAT16_MAX = 3.3895313892515355e38
+BFLOAT16_TINY = 2.0**-126  # Smallest normal: bfloat16 subnormals are usually flushed.
+UNDERFLOW_THRESHOLD = 0.01
+ERROR_THRESHOLD = 0.1
+ERROR_JUMP = 10.0
+GRADIENT_HEADROOM = 2.0**-5
+MIN_LOSS_SCALE = 1.0
+MAX_LOSS_SCALE = 2.0**24
+
+_LIMITS = {  # dtype -> (largest finite value, smallest value kept)
+    "float16": (FLOAT16_MAX, FLOAT16_TINY),
+    "bfloat16": (BFLOAT16_MAX, BFLOAT16_TINY),
+    "float32": (float(np.finfo(np.float32).max), 2.0**-149),
+    "float64": (float(np.finfo(np.float64).max), 2.0**-1074),
+}
+_MIXED_POLICIES = ("mixed_float16", "mixed_bfloat16")
+# Layers whose constructor refuses a float16/bfloat16 policy.
+_ALWAYS_FLOAT32 = (tfmp_layers.Softmax,)
+
+
+def fnmatch_escape(name: str) -> str:
+    """Escapes `name` so that `fnmatch` matches it literally (`*`, `?`, `[` bracketed).
+
+    Args:
+        name: A layer name.
+
+    Returns:
+        A pattern matching exactly `name`.
+
+    Example:
+
+        >>> fnmatch_escape("block[1]*")
+        'block[[]1][*]'
+    """
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
+def recommended_loss_scale(max_abs_gradient: float) -> float:
+    """The largest power of two keeping the largest scaled gradient well inside float16.
+
+    Args:
+        max_abs_gradient: The largest |gradient| of a float32 backward pass.
+
+    Returns:
+        `2**k` with `max_abs_gradient * 2**k <= 65504 * GRADIENT_HEADROOM`, clamped
+        to [`MIN_LOSS_SCALE`, `MAX_LOSS_SCALE`]; `MAX_LOSS_SCALE` for a zero gradient.
+
+    Example:
+
+        >>> recommended_loss_scale(1e-3)   # 65504 / 32 / 1e-3 ~ 2.05e6 -> 2**20
+        1048576.0
+    """
+    if not max_abs_gradient > 0 or not math.isfinite(max_abs_gradient):
+        return MAX_LOSS_SCALE if max_abs_gradient == 0 else MIN_LOSS_SCALE
+    exponent = math.floor(math.log2(FLOAT16_MAX * GRADIENT_HEADROOM / max_abs_gradient))
+    lo, hi = int(math.log2(MIN_LOSS_SCALE)), int(math.log2(MAX_LOSS_SCALE))
+    return float(2.0 ** min(max(exponent, lo), hi))
+
+
+@dataclasses.dataclass
+class LayerAudit:
+    """One layer's row of an `AuditReport` (see the module docstring).
+
+    Attributes:
+        name: The layer name, `outer/inner` inside nested models.
+        pattern: The bare layer name as an exact `fnmatch` pattern for
+            `apply_policy(float32_names=...)`.
+        type: The layer class name (`op:Add` for a `keras.ops` call).
+        dtype: The layer's output dtype in the mixed run.
+        compute_dtype: The layer's compute dtype in the mixed run.
+        max_abs_activation: Largest |activation| of the float32 run.
+        min_abs_activation: Smallest non-zero |activation| of the float32 run
+            (None if all are zero).
+        overflow: Whether the activation does not fit `dtype`, or the mixed run
+            makes inf/NaN here from finite inputs.
+        underflow_fraction: Share of non-zero float32 activations that `dtype`
+            flushes to zero.
+        relative_error: `||mixed - float32|| / ||float32||` (inf if not finite).
+        recommend_float32: Whether this layer should compute in float32.
+        reason: Why (empty when nothing is wrong).
+    """
+
+    name: str
+    pattern: str
+    type: str
+    dtype: str
+    compute_dtype: str
+    max_abs_activation: float
+    min_abs_activation: float | None
+    overflow: bool
+    underflow_fraction: float
+    relative_error: float
+    recommend_float32: bool = False
+    reason: str = ""
+    # Internal: what the consumers of this layer need to know.
+    is_layer: bool = dataclasses.field(default=True, repr=False)
+    mixed_finite: bool = dataclasses.field(default=True, repr=False)
+    out_of_range: str = dataclasses.field(default="", repr=False)
+    producers: list = dataclasses.field(default_factory=list, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """This row as a JSON-ready dict (non-finite numbers become None)."""
+        return {
+            "name": self.name,
+            "pattern": self.pattern,
+            "type": self.type,
+            "dtype": self.dtype,
+            "compute_dtype": self.compute_dtype,
+            "max_abs_activation": _finite_or_none(self.max_abs_activation),
+            "min_abs_activation": _finite_or_none(self.min_abs_activation),
+            "overflow": self.overflow,
+            "underflow_fraction": self.underflow_fraction,
+            "relative_error": _finite_or_none(self.relative_error),
+            "recommend_float32": self.recommend_float32,
+            "reason": self.reason,
+        }
+
+
+@dataclasses.dataclass
+class GradientAudit:
+    """The float32 gradients of one batch against float16's (or bfloat16's) range.
+
+    Attributes:
+        count: Number of gradient values (weights and top-level activations).
+        nonzero: Number of non-zero values (the denominator of the fractions).
+        max_abs: Largest |gradient|.
+        min_abs: Smallest non-zero |gradient| (None if all are zero).
+        histogram: `{"exponents": [e...], "counts": [n...]}`: `n` non-zero
+            values with `2**e <= |g| < 2**(e+1)`, for every `e` from the
+            smallest to the largest.
+        underflow_fraction_unscaled: Share of non-zero values below the
+            dtype's smallest kept value (2**-24 for float16) without scaling.
+        underflow_fraction_scaled: The same after multiplying by `scale`.
+        overflow_fraction_scaled: Share of values above the dtype's maximum
+            after multiplying by `scale`.
+        scale: The loss scale used for the scaled fractions.
+        weights: `count`, `max_abs` and the two underflow fractions of the
+            weight gradients alone.
+        activations: The same for the activation gradients alone.
+    """
+
+    count: int
+    nonzero: int
+    max_abs: float
+    min_abs: float | None
+    histogram: dict[str, list[int]]
+    underflow_fraction_unscaled: float
+    underflow_fraction_scaled: float
+    overflow_fraction_scaled: float
+    scale: float
+    weights: dict[str, Any]
+    activations: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        """These statistics as a JSON-ready dict."""
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class AuditReport:
+    """What `audit_model` found. `str(report)` is the table.
+
+    Attributes:
+        model: The model's name.
+        policy: The policy of the mixed run (None: the model's own policies).
+        dtype: The low-precision dtype audited against (`float16`/`bfloat16`).
+        layers: One `LayerAudit` per layer, in graph order.
+        gradients: A `GradientAudit`, or None when no `y` was given.
+        recommended_initial_scale: See `recommended_loss_scale`; None without
+            gradients or under bfloat16.
+    """
+
+    model: str
+    policy: str | None
+    dtype: str
+    layers: list[LayerAudit]
+    gradients: GradientAudit | None
+    recommended_initial_scale: float | None
+
+    @property
+    def recommended_float32_layers(self) -> list[str]:
+        """Exact `fnmatch` patterns of the layers to keep in float32, for `apply_policy`."""
+        names = []
+        for row in self.layers:
+            if row.recommend_float32 and row.pattern not in names:
+                names.append(row.pattern)
+        return names
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report as a JSON-ready dict (`json.dumps` works on it as is)."""
+        return {
+            "model": self.model,
+            "policy": self.policy,
+            "dtype": self.dtype,
+            "layers": [row.to_dict() for row in self.layers],
+            "gradients": self.gradients.to_dict() if self.gradients else None,
+            "recommended_initial_scale": self.recommended_initial_scale,
+            "recommended_float32_layers": self.recommended_float32_layers,
+        }
+
+    def table(self) -> str:
+        """The report as a text table, one row a layer, then the gradients and advice."""
+        columns = ("Layer", "Type", "Dtype", "max|a|", "min|a|>0", "Overflow", "Underflow",
+                   "RelErr", "float32?", "Reason")
+        rows = [(
+            r.name, r.type, r.dtype, _num(r.max_abs_activation), _num(r.min_abs_activation),
+            "YES" if r.overflow else "-", f"{r.underflow_fraction:.1%}",
+            _num(r.relative_error), "YES" if r.recommend_float32 else "-", r.reason,
+        ) for r in self.layers]
+        widths = [max([len(c)] + [len(row[i]) for row in rows]) for i, c in enumerate(columns)]
+
+        def line(values):
+            return "  ".join(v.ljust(w) for v, w in zip(values, widths, strict=True)).rstrip()
+
+        policy = self.policy or "the model's own per-layer policies"
+        lines = [f'Precision audit of "{self.model}": float32 vs {policy} ({self.dtype})',
+                 line(columns), "-" * len(line(columns))]
+        lines += [line(row) for row in rows]
+        g = self.gradients
+        if g is None:
+            lines.append("Gradients: not audited (no y).")
+        else:
+            max_scaled = g.max_abs * g.scale
+            lines.append(
+                f"Gradients: {g.count} values ({g.weights['count']} weight, "
+                f"{g.activations['count']} activation), {g.nonzero} non-zero, "
+                f"max |g| {_num(g.max_abs)}, min |g|>0 {_num(g.min_abs)}.")
+            lines.append(
+                f"  below {self.dtype}'s smallest value: {g.underflow_fraction_unscaled:.1%} "
+                f"unscaled, {g.underflow_fraction_scaled:.1%} scaled by {_num(g.scale)} "
+                f"(max scaled |g| {_num(max_scaled)}, {g.overflow_fraction_scaled:.1%} overflow).")
+        if self.recommended_initial_scale is not None:
+            exponent = int(math.log2(self.recommended_initial_scale))
+            lines.append(f"Recommended initial loss scale: 2**{exponent} = "
+                         f"{self.recommended_initial_scale:g}.")
+        names = self.recommended_float32_layers
+        lines.append(f"Recommended float32 layers: {names if names else 'none'}")
+        if names:
+            lines.append(f"  tfmp.convert.apply_policy(model, {self.policy or 'policy'!r}, "
+                         f"float32_names={names})")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+    def plot(self, path: str) -> str:
+        """Writes a PNG: per-layer activation ranges and the gradient histogram.
+
+        Left, the largest and smallest non-zero |activation| of each layer (log
+        scale) against the dtype's largest value and smallest kept value; right,
+        the histogram of log2 |gradient| with the underflow line, as in Figure 3
+        of the mixed precision training paper (Micikevicius et al., 2018).
+        Needs matplotlib (the Agg canvas; the global backend is not changed).
+
+        Args:
+            path: The PNG file to write.
+
+        Returns:
+            `path`.
+        """
+        try:
+            from matplotlib.backends.backend_agg import FigureCanvasAgg
+            from matplotlib.figure import Figure
+        except ImportError as e:
+            raise ImportError(
+                "AuditReport.plot() needs matplotlib: pip install matplotlib") from e
+        top, tiny = _LIMITS[self.dtype]
+        fig = Figure(figsize=(14, 5), layout="constrained")
+        FigureCanvasAgg(fig)
+        ax_act, ax_grad = fig.subplots(1, 2, width_ratios=(3, 2))
+        idx = np.arange(len(self.layers))
+        hi = [r.max_abs_activation if r.max_abs_activation > 0 else np.nan for r in self.layers]
+        lo = [r.min_abs_activation or np.nan for r in self.layers]
+        ax_act.vlines(idx, lo, hi, color="0.7", linewidth=1)
+        ax_act.scatter(idx, hi, marker="^", label="max |activation|", zorder=3)
+        ax_act.scatter(idx, lo, marker="v", label="min non-zero |activation|", zorder=3)
+        flagged = [i for i, r in enumerate(self.layers) if r.recommend_float32]
+        if flagged:
+            ax_act.scatter(idx[flagged], np.asarray(hi)[flagged], s=120, facecolors="none",
+                           edgecolors="red", label="recommended float32", zorder=4)
+        ax_act.axhline(top, color="red", linestyle="--", label=f"{self.dtype} max ({top:.4g})")
+        ax_act.axhline(tiny, color="purple", linestyle="--",
+                       label=f"{self.dtype} smallest kept ({tiny:.3g})")
+        ax_act.set_yscale("log")
+        ax_act.set_ylabel("|activation| (float32 run)")
+        ax_act.set_title(f"Activation range per layer: {self.model}")
+        if len(self.layers) <= 60:
+            ax_act.set_xticks(idx, [r.name for r in self.layers], rotation=90, fontsize=6)
+        else:
+            ax_act.set_xlabel("layer index")
+        ax_act.legend(fontsize=7, loc="best")
+        g = self.gradients
+        if g is None or not g.histogram["exponents"]:
+            text = "no gradients audited (no y)" if g is None else "every gradient is zero"
+            ax_grad.text(0.5, 0.5, text, ha="center", va="center")
+            ax_grad.set_axis_off()
+        else:
+            ax_grad.bar(g.histogram["exponents"], g.histogram["counts"], width=0.9,
+                        color="tab:blue")
+            ax_grad.axvline(math.log2(tiny), color="purple", linestyle="--",
+                            label=f"{self.dtype} underflow (2**{math.log2(tiny):.0f})")
+            if self.dtype == "float16":
+                ax_grad.axvline(math.log2(FLOAT16_MAX), color="red", linestyle="--",
+                                label="float16 overflow")
+            if g.scale != 1.0:
+                ax_grad.axvline(math.log2(tiny) - math.log2(g.scale), color="green",
+                                linestyle=":", label=f"underflow after scaling by {g.scale:g}")
+            ax_grad.set_yscale("log")
+            ax_grad.set_xlabel("log2 |gradient| (float32, non-zero)")
+            ax_grad.set_ylabel("count")
+            ax_grad.set_title("Gradient magnitudes")
+            ax_grad.legend(fontsize=7)
+        fig.savefig(path, dpi=100)
+        return path
+
+
+def _finite_or_none(value):
+    if value is None or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def _num(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3g}"
+
+
+# ------------------------------------------------------------------- checks
+
+
+def _check_model(model) -> None:
+    if not isinstance(model, (keras.Sequential, convert.Functional)):
+        raise ValueError(
+            "`model` must be a built keras.Sequential or Functional model. Received: "
+            f"model={model!r} of type {type(model).__name__}")
+    if not model.built or (isinstance(model, keras.Sequential) and model._functional is None):
+        raise ValueError(
+            f"`model` {model.name!r} is not built: start a Sequential with `keras.Input(shape)`.")
+
+
+def _as_input_list(model, x) -> list:
+    names = [t.name for t in model.inputs]
+    if isinstance(x, dict):
+        missing = [n for n in names if n not in x]
+        if missing:
+            raise ValueError(
+                f"`x` is a dict without the model's input(s) {missing}. Expected keys: {names}. "
+                f"Received keys: {sorted(x)}")
+        values = [x[n] for n in names]
+    elif isinstance(x, (list, tuple)):
+        values = list(x)
+    else:
+        values = [x]
+    if len(values) != len(names):
+        raise ValueError(
+            f"`x` must hold one array per model input ({len(names)}: {names}). "
+            f"Received {len(values)} array(s).")
+    arrays = []
+    for value, ref in zip(values, model.inputs, strict=True):
+        array = np.asarray(keras.ops.convert_to_numpy(value))
+        expected = tuple(ref.shape)
+        ok = array.ndim == len(expected) and all(
+            e is None or e == a for e, a in zip(expected[1:], array.shape[1:], strict=True))
+        if not ok or array.shape[0] < 1:
+            raise ValueError(
+                f"`x` has shape {array.shape} but the model's input {ref.name!r} expects "
+                f"{expected} (None: any size; at least one example). Received: x.shape="
+                f"{array.shape}")
+        arrays.append(array.astype(ref.dtype) if array.dtype != ref.dtype else array)
+    batch = {a.shape[0] for a in arrays}
+    if len(batch) > 1:
+        raise ValueError(f"The arrays of `x` have different batch sizes: {sorted(batch)}.")
+    return arrays
+
+
+def _resolve_loss(model, y, loss) -> Callable | None:
+    if y is None:
+        if loss is not None:
+            raise ValueError(
+                "`loss` was given but `y` is None: gradients need targets. "
+                f"Received: loss={loss!r}")
+        return None
+    if loss is None:
+        loss = getattr(model, "loss", None) if getattr(model, "compiled", False) else None
+        if loss is None:
+            raise ValueError(
+                "`loss` is required when `y` is given and the model is not compiled with a "
+                "loss, e.g. loss='sparse_categorical_crossentropy'. Received: loss=None")
+    if isinstance(loss, (list, tuple)) and len(loss) == 1:
+        loss = loss[0]
+    if isinstance(loss, str):
+        try:
+            return keras.losses.get(loss)
+        except ValueError:
+            raise ValueError(
+                f"Unknown `loss`: {loss!r}. Expected a Keras loss name or a callable "
+                "`loss(y_true, y_pred)`.") from None
+    if not callable(loss):
+        raise ValueError(
+            "`loss` must be a Keras loss name or a callable `loss(y_true, y_pred)` (one "
+            f"output). Received: loss={loss!r}")
+    return loss
+
+
+# -------------------------------------------------------------- graph walk
+
+
+def _graph(model):
+    """`(function, [(operation, node), ...])` of a Sequential/Functional model's own graph."""
+    fn = model._functional if isinstance(model, keras.Sequential) else model
+    pairs = []
+    for op in fn.operations:
+        if isinstance(op, keras.layers.InputLayer):
+            continue
+        index = next(i for i in range(len(op._inbound_nodes))
+                     if make_node_key(op, i) in fn._nodes)
+        pairs.append((op, op._inbound_nodes[index]))
+    return fn, pairs
+
+
+def _probe(model):
+    """A model from `model`'s inputs to every node output of its graph, and the graph."""
+    fn, pairs = _graph(model)
+    outputs = [t for _, node in pairs for t in node.output_tensors]
+    return keras.Model(fn.inputs, outputs), fn, pairs
+
+
+def _is_float(value) -> bool:
+    return keras.backend.is_float_dtype(keras.backend.standardize_dtype(value.dtype))
+
+
+def _recursable(op, node) -> bool:
+    return convert._is_graph_model(op) and len(node.input_tensors) == len(_graph(op)[0].inputs)
+
+
+class _Walker:
+    """Walks the float32 and mixed graphs side by side, one `LayerAudit` a layer."""
+
+    def __init__(self, dtype: str, training: bool):
+        self.dtype = dtype
+        self.training = training
+        self.rows: list[LayerAudit] = []
+        self.activations: list = []  # Top-level float32 activation tensors (for gradients).
+        self.top_values: dict[int, Any] = {}  # Top-level float32 values by KerasTensor id.
+
+    def walk(self, f32_model, mixed_model, f32_inputs, mixed_inputs, input_producers,
+             prefix: str, tape=None):
+        f32_probe, f32_fn, f32_pairs = _probe(f32_model)
+        mixed_probe, mixed_fn, mixed_pairs = _probe(mixed_model)
+        if tape is not None:
+            with tape:
+                f32_out = f32_probe(list(f32_inputs), training=self.training)
+        else:
+            f32_out = f32_probe(list(f32_inputs), training=self.training)
+        mixed_out = mixed_probe(list(mixed_inputs), training=self.training)
+        f32_values, mixed_values, producers = {}, {}, {}
+        for t, value, producer in zip(f32_fn.inputs, f32_inputs, input_producers, strict=True):
+            f32_values[id(t)] = value
+            producers[id(t)] = producer
+        for t, value in zip(mixed_fn.inputs, mixed_inputs, strict=True):
+            mixed_values[id(t)] = value
+        flat_f32 = [t for _, node in f32_pairs for t in node.output_tensors]
+        flat_mixed = [t for _, node in mixed_pairs for t in node.output_tensors]
+        for t, value in zip(flat_f32, f32_out, strict=True):
+            f32_values[id(t)] = value
+            if tape is not None and _is_float(value):
+                self.activations.append(value)
+        for t, value in zip(flat_mixed, mixed_out, strict=True):
+            mixed_values[id(t)] = value
+        mixed_ids = {}  # f32 tensor id -> mixed tensor id, by position.
+        for t, m in zip(flat_f32, flat_mixed, strict=True):
+            mixed_ids[id(t)] = id(m)
+        for t, m in zip(f32_fn.inputs, mixed_fn.inputs, strict=True):
+            mixed_ids[id(t)] = id(m)
+        if tape is not None:
+            self.top_values = f32_values
+        for (op, node), (mixed_op, _) in zip(f32_pairs, mixed_pairs, strict=True):
+            inputs_producers = [row for t in node.input_tensors
+                                for row in producers.get(id(t), [])]
+            if _recursable(op, node):
+                inner_f32 = [f32_values[id(t)] for t in node.input_tensors]
+                inner_mixed = [mixed_values[mixed_ids[id(t)]] for t in node.input_tensors]
+                inner_producers = [producers.get(id(t), []) for t in node.input_tensors]
+                outputs = self.walk(op, mixed_op, inner_f32, inner_mixed, inner_producers,
+                                    f"{prefix}{op.name}/")
+                for t, rows in zip(node.output_tensors, outputs, strict=True):
+                    producers[id(t)] = rows
+                continue
+            ref = [f32_values[id(t)] for t in node.output_tensors]
+            mixed = [mixed_values[mixed_ids[id(t)]] for t in node.output_tensors]
+            row = self.audit_op(mixed_op, prefix, ref, mixed, inputs_producers)
+            for t in node.output_tensors:
+                producers[id(t)] = [row] if row is not None else []
+        return [producers.get(id(t), []) for t in f32_fn.outputs]
+
+    def audit_op(self, op, prefix, ref_values, mixed_values, input_rows) -> LayerAudit | None:
+        pairs = [(np.asarray(r), np.asarray(m))
+                 for r, m in zip(ref_values, mixed_values, strict=True)
+                 if _is_float(r) and _is_float(m)]
+        if not pairs:
+            return None  # No floating-point output (e.g. a boolean mask).
+        dtype = keras.backend.standardize_dtype(mixed_values[0].dtype)
+        is_layer = isinstance(op, keras.layers.Layer)
+        compute_dtype = op.compute_dtype if is_layer else dtype
+        ref = np.concatenate([r.astype(np.float64).ravel() for r, _ in pairs])
+        mixed = np.concatenate([m.astype(np.float64).ravel() for _, m in pairs])
+        ref_abs = np.abs(ref[np.isfinite(ref)])
+        nonzero = ref_abs[ref_abs > 0]
+        top, tiny = _LIMITS.get(dtype, _LIMITS["float32"])
+        max_abs = float(ref_abs.max()) if ref_abs.size else 0.0
+        min_abs = float(nonzero.min()) if nonzero.size else None
+        underflow = float(np.mean(nonzero < tiny)) if nonzero.size else 0.0
+        new_nonfinite = bool(np.any(~np.isfinite(mixed) & np.isfinite(ref)))
+        inputs_finite = all(row.mixed_finite for row in input_rows)
+        overflow = max_abs > top or (new_nonfinite and inputs_finite)
+        if not np.all(np.isfinite(mixed)):
+            relative_error = math.inf
+        else:
+            norm = float(np.linalg.norm(ref[np.isfinite(ref)]))
+            diff = float(np.linalg.norm(np.nan_to_num(mixed - ref)))
+            relative_error = diff / norm if norm > 0 else (0.0 if diff == 0 else math.inf)
+        low = compute_dtype in ("float16", "bfloat16")
+        low_top, low_tiny = _LIMITS[self.dtype]
+        out_of_range = ""
+        if max_abs > low_top:
+            out_of_range = f"max |activation| {max_abs:.3g} > {self.dtype} max {low_top:.6g}"
+        elif nonzero.size and np.mean(nonzero < low_tiny) > UNDERFLOW_THRESHOLD:
+            out_of_range = (f"{np.mean(nonzero < low_tiny):.0%} of non-zero activations < "
+                            f"{self.dtype} smallest {low_tiny:.3g}")
+        reasons = []
+        if overflow:
+            reasons.append(out_of_range if max_abs > top else
+                           f"{dtype} run turns finite inputs into inf/NaN")
+        if underflow > UNDERFLOW_THRESHOLD:
+            reasons.append(f"{underflow:.0%} of non-zero activations < {dtype} smallest "
+                           f"{tiny:.3g} (flushed to 0)")
+        for producer in input_rows:
+            if low and producer.out_of_range:
+                reasons.append(f"input from {producer.name!r} out of {compute_dtype} range "
+                               f"({producer.out_of_range})")
+        input_errors = [row.relative_error for row in input_rows]
+        worst_input = max(input_errors, default=0.0)
+        if (math.isfinite(relative_error) and relative_error > ERROR_THRESHOLD
+                and math.isfinite(worst_input) and relative_error >= ERROR_JUMP * worst_input):
+            reasons.append(f"relative error {relative_error:.2g} (inputs' {worst_input:.2g})")
+        row = LayerAudit(
+            name=prefix + op.name, pattern=fnmatch_escape(op.name),
+            type=type(op).__name__ if is_layer else f"op:{type(op).__name__}",
+            dtype=dtype, compute_dtype=compute_dtype, max_abs_activation=max_abs,
+            min_abs_activation=min_abs, overflow=overflow, underflow_fraction=underflow,
+            relative_error=relative_error, is_layer=is_layer,
+            mixed_finite=bool(np.all(np.isfinite(mixed))), out_of_range=out_of_range,
+            producers=input_rows)
+        if is_layer:
+            row.recommend_float32 = low and bool(reasons)
+            row.reason = "; ".join(dict.fromkeys(reasons))
+        elif reasons:
+            # A keras.ops call follows its inputs' dtype: its producers must be float32.
+            row.reason = ("keras.ops call follows its inputs' dtype: " + "; ".join(
+                dict.fromkeys(reasons)))
+            if overflow or underflow > UNDERFLOW_THRESHOLD:
+                self._blame_producers(row, reasons[0])
+        self.rows.append(row)
+        return row
+
+    def _blame_producers(self, row: LayerAudit, reason: str) -> None:
+        for producer in row.producers:
+            if producer.is_layer:
+                if producer.compute_dtype in ("float16", "bfloat16"):
+                    producer.recommend_float32 = True
+                    extra = f"feeds {row.name!r} ({reason})"
+                    producer.reason = "; ".join(r for r in (producer.reason, extra) if r)
+            else:
+                self._blame_producers(producer, reason)
+
+
+# ---------------------------------------------------------------- gradients
+
+
+def _magnitudes(tensors) -> np.ndarray:
+    arrays = [np.abs(np.asarray(t, dtype=np.float64)).ravel() for t in tensors if t is not None]
+    return np.concatenate(arrays) if arrays else np.zeros(0)
+
+
+def _fractions(values: np.ndarray, dtype: str, scale: float) -> dict[str, Any]:
+    top, tiny = _LIMITS[dtype]
+    nonzero = values[values > 0]
+    n = max(nonzero.size, 1)
+    return {
+        "count": int(values.size),
+        "max_abs": float(values.max()) if values.size else 0.0,
+        "underflow_fraction_unscaled": float(np.sum(nonzero < tiny) / n),
+        "underflow_fraction_scaled": float(np.sum(nonzero * scale < tiny) / n),
+        "overflow_fraction_scaled": float(np.sum(nonzero * scale > top) / n),
+    }
+
+
+def _gradient_audit(weight_grads, activation_grads, dtype: str, loss_scale: float | None
+                    ) -> tuple[GradientAudit, float | None]:
+    weights, activations = _magnitudes(weight_grads), _magnitudes(activation_grads)
+    both = np.concatenate([weights, activations])
+    max_abs = float(both.max()) if both.size else 0.0
+    recommended = recommended_loss_scale(max_abs) if dtype == "float16" else None
+    scale = float(loss_scale) if loss_scale is not None else (recommended or 1.0)
+    nonzero = both[both > 0]
+    exponents = np.frexp(nonzero)[1] - 1  # floor(log2 |g|), exactly.
+    if exponents.size:
+        lo, hi = int(exponents.min()), int(exponents.max())
+        counts = np.bincount(exponents - lo, minlength=hi - lo + 1)
+        histogram = {"exponents": list(range(lo, hi + 1)), "counts": counts.tolist()}
+    else:
+        histogram = {"exponents": [], "counts": []}
+    total = _fractions(both, dtype, scale)
+
+    def part(values):
+        f = _fractions(values, dtype, scale)
+        return {k: f[k] for k in ("count", "max_abs", "underflow_fraction_unscaled",
+                                  "underflow_fraction_scaled")}
+
+    audit = GradientAudit(
+        count=total["count"], nonzero=int(nonzero.size), max_abs=max_abs,
+        min_abs=float(nonzero.min()) if nonzero.size else None, histogram=histogram,
+        underflow_fraction_unscaled=total["underflow_fraction_unscaled"],
+        underflow_fraction_scaled=total["underflow_fraction_scaled"],
+        overflow_fraction_scaled=total["overflow_fraction_scaled"], scale=scale,
+        weights=part(weights), activations=part(activations))
+    return audit, recommended
+
+
+# --------------------------------------------------------- activation memory
+
+_ITEMSIZE = {"bfloat16": 2, "bool": 1}
+
+
+def activation_bytes_per_example(model: keras.Model) -> int:
+    """Bytes of layer outputs that one example produces in a forward pass.
+
+    The sum over every layer (and `keras.ops` call) of the model's graph of
+    `prod(output_shape[1:]) * itemsize(output dtype)`, at the layer's first
+    call; nested Sequential/Functional models are recursed into (their outputs
+    are their last layers'), the model's inputs are not counted. Training keeps
+    roughly these tensors for the backward pass, so this is how the batch that
+    fits in memory grows: about 2x under a mixed policy for Dense/Conv models
+    (their outputs are float16 or bfloat16), less where layers stay float32.
+
+    Args:
+        model: A built Sequential or Functional model with static shapes (but
+            the batch dimension).
+
+    Returns:
+        The number of bytes per example.
+
+    Raises:
+        ValueError: for another kind of model, or an output with an unknown
+            non-batch dimension.
+
+    Example:
+
+        >>> with tfmp.policy_scope("mixed_float16"):
+        ...     m = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8)])
+        >>> activation_bytes_per_example(m)   # 8 float16 values
+        16
+    """
+    _check_model(model)
+    total = 0
+    for op, node in _graph(model)[1]:
+        if convert._is_graph_model(op):
+            total += activation_bytes_per_example(op)
+            continue
+        for t in node.output_tensors:
+            shape = tuple(t.shape[1:])
+            if any(d is None for d in shape):
+                raise ValueError(
+                    f"The output of {op.name!r} has an unknown dimension {tuple(t.shape)}; "
+                    "activation memory needs static shapes (but the batch).")
+            dtype = keras.backend.standardize_dtype(t.dtype)
+            itemsize = _ITEMSIZE.get(dtype) or np.dtype(dtype).itemsize
+            total += math.prod(shape) * itemsize
+    return int(total)
+
+
+# ---------------------------------------------------------------------- API
+
+
+def _target_dtype(model, policy: str | None) -> str:
+    if policy is not None:
+        return keras.DTypePolicy(policy).compute_dtype
+    dtypes = {layer.compute_dtype for layer in model._flatten_layers(include_self=True)}
+    for dtype in ("float16", "bfloat16"):
+        if dtype in dtypes:
+            return dtype
+    raise ValueError(
+        f"`policy=None` audits the model's own per-layer policies, but no layer of "
+        f"{model.name!r} computes in float16 or bfloat16. Pass policy='mixed_float16' or "
+        "'mixed_bfloat16'. Received: policy=None")
+
+
+def audit_model(
+    model: keras.Model,
+    x,
+    y=None,
+    *,
+    loss: str | Callable | None = None,
+    policy: str | None = "mixed_float16",
+    loss_scale: float | None = None,
+    training: bool = False,
+) -> AuditReport:
+    """Runs one batch in float32 and under a mixed policy and reports per-layer precision.
+
+    See the module docstring for what is measured and when a layer is
+    recommended for float32.
+
+    Args:
+        model: A built Sequential or Functional model (any policies; it is not
+            changed: the audit runs on copies with the same weights).
+        x: One batch: an array, a list of arrays (one per model input) or a
+            dict by input name.
+        y: Targets for the gradient audit, or None to skip it.
+        loss: A Keras loss name or `loss(y_true, y_pred)`; defaults to the
+            compiled model's loss. Only with `y`.
+        policy: `"mixed_float16"` or `"mixed_bfloat16"`: every floating-point
+            layer of the mixed copy computes in it, except the output layers,
+            which `tfmp.convert.apply_policy` always keeps float32, and
+            `tfmp.layers.Softmax`, which only computes in float32 (it is
+            `apply_policy(model, policy, float32_layers=(tfmp.layers.Softmax,))`:
+            Keras' normalisation and softmax layers are audited in the policy
+            too, to show whether they need float32). None: the mixed copy keeps
+            the model's
+            own per-layer policies, e.g. to re-audit a model converted with
+            `apply_policy`.
+        loss_scale: The loss scale for `underflow_fraction_scaled`; defaults to
+            the recommended one.
+        training: Run the batch in training mode (batch statistics, dropout).
+
+    Returns:
+        An `AuditReport`.
+
+    Raises:
+        ValueError: for a model that is not a built Sequential/Functional, a
+            `float32` or unknown `policy`, an `x` that does not fit the model's
+            inputs, `y` without a loss, or `loss` without `y`.
+
+    Example:
+
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8),
+                                  keras.layers.Dense(2, activation="softmax")])
+        report = audit_model(model, np.ones((2, 4)), np.zeros((2,)),
+                             loss="sparse_categorical_crossentropy")
+        report.to_dict()["recommended_float32_layers"]   # []
+    """
+    _check_model(model)
+    if policy is not None:
+        policies.validate_policy_name(policy, argument="policy", allow_auto=False)
+        if policy not in _MIXED_POLICIES:
+            raise ValueError(
+                f"`policy` must be a mixed policy ({', '.join(_MIXED_POLICIES)}) or None for "
+                f"the model's own per-layer policies. Received: policy={policy!r}")
+    if loss_scale is not None and not (
+            isinstance(loss_scale, (int, float)) and math.isfinite(loss_scale) and loss_scale > 0):
+        raise ValueError(
+            f"`loss_scale` must be a positive finite number or None. Received: "
+            f"loss_scale={loss_scale!r}")
+    inputs = _as_input_list(model, x)
+    loss_fn = _resolve_loss(model, y, loss)
+    if loss_fn is not None:
+        y = np.asarray(keras.ops.convert_to_numpy(y))
+        if y.shape[:1] != inputs[0].shape[:1]:
+            raise ValueError(
+                f"`y` has {y.shape[:1] or 'no'} examples but `x` has {inputs[0].shape[0]}. "
+                f"Received: y.shape={y.shape}")
+        if len(model.outputs) != 1:
+            raise ValueError(
+                f"The gradient audit supports single-output models; {model.name!r} has "
+                f"{len(model.outputs)} outputs. Pass y=None to audit activations only.")
+    f32 = convert.apply_policy(model, "float32")
+    if policy is None:
+        mixed = keras.models.clone_model(model)
+        mixed.set_weights(model.get_weights())
+    else:
+        mixed = convert.apply_policy(model, policy, float32_layers=_ALWAYS_FLOAT32)
+    dtype = _target_dtype(mixed, policy)
+    walker = _Walker(dtype, training)
+    tape = tf.GradientTape() if loss_fn is not None else None
+    walker.walk(f32, mixed, inputs, inputs, [[] for _ in inputs], "", tape=tape)
+    gradients, recommended = None, None
+    if tape is not None:
+        prediction = walker.top_values[id(_graph(f32)[0].outputs[0])]
+        with tape:
+            value = keras.ops.mean(loss_fn(keras.ops.convert_to_tensor(y), prediction))
+        variables = list(f32.trainable_variables)
+        grads = tape.gradient(value, variables + walker.activations)
+        weight_grads = [keras.ops.convert_to_numpy(g) for g in grads[:len(variables)]
+                        if g is not None]
+        activation_grads = [keras.ops.convert_to_numpy(g) for g in grads[len(variables):]
+                            if g is not None]
+        gradients, recommended = _gradient_audit(weight_grads, activation_grads, dtype,
+                                                 loss_scale)
+    return AuditReport(model=model.name, policy=policy, dtype=dtype, layers=walker.rows,
+                       gradients=gradients, recommended_initial_scale=recommended)
+
+
+__all__ = [
+    "AuditReport", "GradientAudit", "LayerAudit", "activation_bytes_per_example", "audit_model",
+    "fnmatch_escape", "recommended_loss_scale",
+]

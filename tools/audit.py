@@ -1,0 +1,175 @@
+"""Audits a model's precision in float16: per-layer ranges, gradient underflow, loss scale.
+
+python -m tools.audit --model=model.keras --data=batch.npz [--out_dir=DIR]
+python -m tools.audit --recipe_model=resnet_mini [--batch_size=8] [--out_dir=DIR]
+
+`--data` is an `.npz` file with an array `x` (one batch for a single-input
+model) and optionally `y` (targets: then gradients are audited too, with the
+model's compiled loss or `--loss`). `--recipe_model` builds a `tfmp.models`
+image classifier at initialisation and audits it on synthetic 32x32 images.
+Writes `report.json` (see `tfmp.audit.AuditReport.to_dict`) and `audit.png`
+(per-layer activation range against float16's limits, and the gradient
+histogram) into `--out_dir` (default: the current directory), and prints the
+table. The model is loaded with `safe_mode=True` and the data with
+`allow_pickle=False`. Bad input prints one `error:` line on stderr and exits
+with status 1 (missing files and a missing `x` are found before TensorFlow is
+imported; TensorFlow's C++ start-up lines may still reach stderr after that).
+"""
+
+import json
+import os
+import sys
+import warnings
+import zipfile
+from collections.abc import Callable
+from typing import Any
+
+from absl import app, flags
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+FLAGS = flags.FLAGS
+
+
+
+_POLICIES = ("mixed_float16", "mixed_bfloat16", "model")
+
+
+def _load_batch(path: str) -> tuple[Any, Any]:
+    import numpy as np
+
+    if not os.path.isfile(path):
+        raise ValueError(f"`data` is not a file. Received: data={path!r}")
+    try:
+        npz = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise ValueError(f"could not read `data` as .npz ({e}). Received: data={path!r}") from e
+    if not isinstance(npz, np.lib.npyio.NpzFile):
+        raise ValueError(f"`data` must be an .npz archive, not .npy. Received: data={path!r}")
+    with npz:
+        if "x" not in npz.files:
+            raise ValueError(
+                f"`data` has no array 'x' (it has: {npz.files}). Save the batch with "
+                f"np.savez(path, x=x, y=y). Received: data={path!r}")
+        try:
+            return npz["x"], (npz["y"] if "y" in npz.files else None)
+        except ValueError as e:  # An object array: refused without pickle.
+            raise ValueError(f"could not read `data` ({e}). Received: data={path!r}") from e
+
+
+def audit(*, model_path: str | None = None, data_path: str | None = None,
+          recipe_model: str | None = None, batch_size: int = 8, policy: str = "mixed_float16",
+          loss: str | None = None, loss_scale: float | None = None, out_dir: str = ".",
+          print_fn: Callable[[str], Any] = print) -> dict:
+    """Audits a saved model on a saved batch (or a recipe model on synthetic data).
+
+    Args:
+        model_path: A `.keras` file (with `data_path`).
+        data_path: An `.npz` file with `x` and optional `y`.
+        recipe_model: A `tfmp.models.IMAGE_MODELS` name, instead of the files.
+        batch_size: Synthetic examples for `recipe_model`.
+        policy: `"mixed_float16"`, `"mixed_bfloat16"` or `"model"` (own policies).
+        loss: A Keras loss name; defaults to the compiled loss (sparse
+            categorical cross-entropy for `recipe_model`).
+        loss_scale: The scale for the scaled gradient underflow share.
+        out_dir: Directory for `report.json` and `audit.png` (created if missing).
+        print_fn: Called with the table.
+
+    Returns:
+        The report as a dict (`report.json`'s content).
+
+    Example:
+
+        audit(recipe_model="resnet_mini", batch_size=4, out_dir="/tmp/audit")
+    """
+    if (model_path is None) == (recipe_model is None):
+        raise ValueError(
+            "give either --model (with --data) or --recipe_model. Received: "
+            f"model={model_path!r}, recipe_model={recipe_model!r}")
+    if model_path is not None:
+        if not os.path.isfile(model_path):
+            raise ValueError(f"`model` is not a file. Received: model={model_path!r}")
+        if not zipfile.is_zipfile(model_path):
+            raise ValueError(
+                f"`model` is not a `.keras` zip archive. Received: model={model_path!r}")
+        if data_path is None:
+            raise ValueError("--model needs --data=batch.npz (arrays `x` and optional `y`).")
+        x, y = _load_batch(data_path)
+    elif data_path is not None:
+        raise ValueError("--data goes with --model; --recipe_model makes synthetic data.")
+    if batch_size < 1:
+        raise ValueError(f"`batch_size` must be >= 1. Received: batch_size={batch_size}")
+    if policy not in _POLICIES:
+        raise ValueError(
+            f"Unknown `policy`: {policy!r}. Expected one of: {', '.join(_POLICIES)}.")
+
+    import keras
+
+    import tfmp.audit
+    import tfmp.data
+    import tfmp.models
+
+    if recipe_model is not None:
+        tfmp.models.validate_image_model(recipe_model)
+        model = tfmp.models.image_classifier(recipe_model, (32, 32, 3), 10)
+        x, y = tfmp.data.synthetic_images(batch_size, 32, 10, seed=0)
+        loss = loss or "sparse_categorical_crossentropy"
+    else:
+        try:
+            with warnings.catch_warnings():  # "Skipping variable loading for optimizer".
+                warnings.simplefilter("ignore", UserWarning)
+                model = keras.saving.load_model(model_path, safe_mode=True)
+        except Exception as e:
+            raise ValueError(
+                f"could not load `model` in safe mode ({type(e).__name__}: {e}). "
+                f"Received: model={model_path!r}") from e
+    report = tfmp.audit.audit_model(
+        model, x, y, loss=loss, policy=None if policy == "model" else policy,
+        loss_scale=loss_scale)
+    os.makedirs(out_dir, exist_ok=True)
+    result = report.to_dict()
+    with open(os.path.join(out_dir, "report.json"), "w") as f:
+        json.dump(result, f, indent=2, allow_nan=False)
+    report.plot(os.path.join(out_dir, "audit.png"))
+    print_fn(report.table())
+    print_fn(f"Wrote {os.path.join(out_dir, 'report.json')} and "
+             f"{os.path.join(out_dir, 'audit.png')}.")
+    return result
+
+
+def _define_flags() -> None:
+    """Defines the tool's flags, only when it runs as a program.
+
+    Importing the module then registers no flag that could clash with
+    another tool's or recipe's flags in the same process.
+    """
+    flags.DEFINE_string("model", None, "Path of a `.keras` model file.")
+    flags.DEFINE_string("data", None, "Path of an `.npz` file with `x` and optional `y`.")
+    flags.DEFINE_string(
+        "recipe_model", None, "Instead of --model/--data: a tfmp.models image classifier "
+        "(resnet_mini, mobilenet_v2, resnet50, efficientnet_b0) on synthetic images.")
+    flags.DEFINE_integer("batch_size", 8, "Synthetic batch size for --recipe_model.")
+    flags.DEFINE_string(
+        "policy", "mixed_float16", "mixed_float16, mixed_bfloat16, or 'model' for the model's "
+        "own per-layer policies (e.g. a model converted with tfmp.convert.apply_policy).")
+    flags.DEFINE_string("loss", None, "Keras loss name (default: the compiled loss).")
+    flags.DEFINE_float(
+        "loss_scale", None, "Loss scale for the scaled underflow share (default: recommended).")
+    flags.DEFINE_string("out_dir", ".", "Where to write report.json and audit.png.")
+
+
+def main(argv):
+    try:
+        if len(argv) > 1:
+            raise ValueError(f"unexpected arguments: {argv[1:]}")
+        audit(model_path=FLAGS.model, data_path=FLAGS.data, recipe_model=FLAGS.recipe_model,
+              batch_size=FLAGS.batch_size, policy=FLAGS.policy, loss=FLAGS.loss,
+              loss_scale=FLAGS.loss_scale, out_dir=FLAGS.out_dir)
+    except Exception as e:  # A CLI error is one line, not a traceback.
+        message = " ".join(str(e).split())
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    _define_flags()
+    app.run(main)
