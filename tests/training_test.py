@@ -93,6 +93,9 @@ class TrainAndEvaluateTest(TestCase):
         self.assertTrue(all(v > 0 for v in results["examples_per_second"]))
         self.assertTrue(np.isfinite(results["eval_loss"]))
         self.assertTrue(os.path.isdir(os.path.join(model_dir, "backup", "latest")))
+        self.assertEqual(results["model_file"], os.path.join(model_dir, "model.keras"))
+        loaded = keras.saving.load_model(results["model_file"])  # safe_mode, no custom_objects
+        self.assertIsInstance(loaded.optimizer, tfmp.LossScaleOptimizer)
         self.assertTrue(any(f.startswith("events") for _, _, files in
                             os.walk(os.path.join(model_dir, "logs")) for f in files))
         self.assertEqual(tfmp.export.serving_signature(export_dir)["outputs"]["output_0"][0],

@@ -273,23 +273,37 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
         if not self.enabled:
             return list(grads)
         self._unscaled_by_user.value = True
-        return [None if g is None else ops.divide(g, ops.cast(self.loss_scale, g.dtype))
-                for g in grads]
+        return self._divide(grads, [False] * len(grads), self.loss_scale)
+
+    @staticmethod
+    def _divide(grads, keep, scale):
+        """`g / scale` for each gradient not `None` nor kept; the scale is read once."""
+        scale = ops.convert_to_tensor(scale)
+        casts = {}
+        out = []
+        for g, k in zip(grads, keep, strict=True):
+            if g is None or k:
+                out.append(g)
+                continue
+            dtype = keras.backend.standardize_dtype(g.dtype)
+            if dtype not in casts:
+                casts[dtype] = scale if dtype == "float32" else ops.cast(scale, dtype)
+            out.append(ops.divide(g, casts[dtype]))
+        return out
 
     def _unscale(self, grads, trainable_variables, scale):
-        return [
-            g if g is None or self._overwrite_variable_with_gradient(v)
-            else ops.divide(g, ops.cast(scale, g.dtype))
-            for g, v in zip(grads, trainable_variables, strict=True)
-        ]
+        keep = [self._overwrite_variable_with_gradient(v) for v in trainable_variables]
+        return self._divide(grads, keep, scale)
 
     def _finite_mask(self, grads, trainable_variables):
         """Per-variable finiteness, ordered as the variables the optimizer was built on."""
-        flags = [ops.convert_to_tensor(True)] * len(self._trainable_variables)
+        flags = [None] * len(self._trainable_variables)
         for g, v in zip(grads, trainable_variables, strict=True):
             if g is not None:
-                i = self._get_variable_index(v)
-                flags[i] = ops.logical_and(flags[i], ops.all(ops.isfinite(g)))
+                flags[self._get_variable_index(v)] = ops.all(ops.isfinite(g))
+        if any(f is None for f in flags):  # variables without a gradient count as finite
+            true = ops.convert_to_tensor(True)
+            flags = [true if f is None else f for f in flags]
         mask = ops.stack(flags) if flags else ops.ones((0,), "bool")
         return mask, ops.all(mask)
 

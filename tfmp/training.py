@@ -171,7 +171,8 @@ def train_and_evaluate(
         batch_size: Global batch size (for examples/second).
         jit_compile: Whether to XLA-compile the train step.
         distribution: `"none"`, `"mirrored"` or `"multi_worker"`.
-        model_dir: Directory for backups (`backup/`) and TensorBoard logs (`logs/`).
+        model_dir: Directory for backups (`backup/`), TensorBoard logs (`logs/`)
+            and the trained model (`model.keras`).
         export_dir: If set, a float32 SavedModel is exported there.
         verbose: Keras `fit` verbosity.
 
@@ -179,7 +180,8 @@ def train_and_evaluate(
         A dict of final metrics: `policy`, `loss`, `accuracy`, `eval_loss`,
         `eval_accuracy`, `loss_scale`, `skipped_steps`, `optimizer_steps` (applied
         steps, over resumed runs too), `examples_per_second` (one value per epoch
-        run), `epochs_run` (in this run), `export_dir`.
+        run), `epochs_run` (in this run), `model_file` (`model_dir/model.keras`,
+        or None), `export_dir`.
     """
     resolved = policies.set_global_policy(policy)
     strategy = distribute.create_strategy(distribution)
@@ -217,6 +219,7 @@ def train_and_evaluate(
         with distribute.keras_fit_scope(model, strategy):
             evaluated = model.evaluate(eval_data, verbose=0, return_dict=True)
         results.update(eval_loss=evaluated["loss"], eval_accuracy=evaluated["accuracy"])
+    results["model_file"] = _save_model(model, model_dir, chief) if model_dir else None
     results["export_dir"] = None
     if export_dir:
         from tfmp import export
@@ -227,6 +230,23 @@ def train_and_evaluate(
             with tempfile.TemporaryDirectory(prefix="tfmp-export-") as scratch:
                 export.export_saved_model(model, os.path.join(scratch, "export"))
     return results
+
+
+def _save_model(model: keras.Model, model_dir: str, chief: bool) -> str | None:
+    """Saves `model_dir/model.keras` atomically (chief only; others join the reads)."""
+    if not chief:  # variables synchronised on read need every worker
+        with tempfile.TemporaryDirectory(prefix="tfmp-model-") as scratch:
+            model.save(os.path.join(scratch, "model.keras"))
+        return None
+    path = os.path.join(model_dir, "model.keras")
+    partial = os.path.join(model_dir, f".model.{os.getpid()}.keras")
+    try:
+        model.save(partial)
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+    return path
 
 
 def _last(history, key):
