@@ -204,7 +204,7 @@ def train_and_evaluate(
         train_data = train_data.repeat()  # epochs of steps_per_epoch steps never run dry
     with distribute.keras_fit_scope(model, strategy):
         history = model.fit(train_data, epochs=epochs, steps_per_epoch=steps_per_epoch,
-                            callbacks=callbacks, verbose=verbose)
+                            callbacks=callbacks, verbose=verbose, shuffle=False)
     results = {
         "policy": resolved,
         "loss": _last(history, "loss"),
