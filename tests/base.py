@@ -7,21 +7,19 @@ import keras
 import numpy as np
 from absl.testing import parameterized
 
-_STRATEGY = None
-
 
 def two_replica_strategy():
-    """One MirroredStrategy over the two logical CPUs, shared by all tests.
+    """The process's one MirroredStrategy, over the two logical CPUs of conftest.py.
 
     TensorFlow's collective ops keep per-process instance keys: a second
-    strategy built in the same process can collide with the first one.
+    MirroredStrategy in the same process can collide with the first one, so
+    tests share tfmp's (cached) strategy.
     """
-    global _STRATEGY
-    if _STRATEGY is None:
-        import tensorflow as tf
+    import tfmp
 
-        _STRATEGY = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-    return _STRATEGY
+    strategy = tfmp.distribute.create_strategy("mirrored")
+    assert strategy.num_replicas_in_sync == 2, strategy.num_replicas_in_sync
+    return strategy
 
 
 class TestCase(parameterized.TestCase):
