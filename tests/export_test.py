@@ -214,12 +214,18 @@ class ExportTest(TestCase):
 
     # --------------------------------------------------------- atomic writes
     def _failing_save(self):
-        """A `tf.saved_model.save` that writes part of the SavedModel, then fails."""
-        def save(obj, export_dir, *args, **kwargs):
+        """An `ExportArchive.write_out` that writes part of the SavedModel, then fails.
+
+        (Patched on the backend's archive class that `keras.export.ExportArchive()`
+        returns: `tf.saved_model` is a lazily loaded module, and patching its
+        `save` does not reach Keras in every test order.)
+        """
+        def write_out(archive, export_dir, *args, **kwargs):
+            os.makedirs(export_dir, exist_ok=True)
             with open(os.path.join(export_dir, "saved_model.pb"), "wb") as f:
                 f.write(b"half written")
             raise OSError("disk full (simulated)")
-        return mock.patch.object(tf.saved_model, "save", side_effect=save)
+        return mock.patch.object(type(keras.export.ExportArchive()), "write_out", write_out)
 
     def test_failed_first_export_leaves_nothing(self):
         parent = self._tmp()

@@ -28,5 +28,6 @@ def results_of(stdout: str) -> dict:
 
 def error_lines(stderr: str) -> list[str]:
     """stderr without TensorFlow's start-up log lines."""
-    noise = ("I0000", "W0000", "E0000", "WARNING: All log messages", "I1", "W1", "E1")
+    noise = ("I0000", "W0000", "E0000", "WARNING: All log messages", "I1", "W1", "E1",
+             "To enable the following instructions")
     return [line for line in stderr.splitlines() if line and not line.startswith(noise)]

@@ -3,6 +3,7 @@
 from tfmp import (
     audit,
     callbacks,
+    cli,
     convert,
     data,
     distribute,
@@ -28,6 +29,7 @@ __all__ = [
     "audit",
     "audit_model",
     "callbacks",
+    "cli",
     "convert",
     "data",
     "distribute",

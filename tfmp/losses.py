@@ -198,11 +198,16 @@ def mean_squared_error(y_true, y_pred):
 
 
 class _Float32Loss:
-    """Mixin for the loss classes: float32 dtype, tfmp function, logits kept."""
+    """Mixin for the loss classes: float32 dtype, tfmp function, logits kept.
+
+    The Keras class's own constructor (arguments, defaults, `get_config`) is
+    used as it is; only `dtype` is checked and the loss function swapped.
+    """
 
     _tfmp_fn = None
 
-    def _setup_float32(self):
+    def __init__(self, *args, dtype=None, **kwargs):
+        super().__init__(*args, dtype=_float32_policy(dtype), **kwargs)
         self.fn = type(self)._tfmp_fn
 
     def __call__(self, y_true, y_pred, sample_weight=None):
@@ -229,25 +234,6 @@ class SparseCategoricalCrossentropy(_Float32Loss, keras.losses.SparseCategorical
 
     _tfmp_fn = staticmethod(sparse_categorical_crossentropy)
 
-    def __init__(
-        self,
-        from_logits: bool = False,
-        ignore_class: int | None = None,
-        reduction="sum_over_batch_size",
-        axis: int = -1,
-        name: str = "sparse_categorical_crossentropy",
-        dtype=None,
-    ):
-        super().__init__(
-            from_logits=from_logits,
-            ignore_class=ignore_class,
-            reduction=reduction,
-            axis=axis,
-            name=name,
-            dtype=_float32_policy(dtype),
-        )
-        self._setup_float32()
-
 
 @keras.saving.register_keras_serializable(package="tfmp")
 class CategoricalCrossentropy(_Float32Loss, keras.losses.CategoricalCrossentropy):
@@ -267,25 +253,6 @@ class CategoricalCrossentropy(_Float32Loss, keras.losses.CategoricalCrossentropy
     """
 
     _tfmp_fn = staticmethod(categorical_crossentropy)
-
-    def __init__(
-        self,
-        from_logits: bool = False,
-        label_smoothing: float = 0.0,
-        axis: int = -1,
-        reduction="sum_over_batch_size",
-        name: str = "categorical_crossentropy",
-        dtype=None,
-    ):
-        super().__init__(
-            from_logits=from_logits,
-            label_smoothing=label_smoothing,
-            axis=axis,
-            reduction=reduction,
-            name=name,
-            dtype=_float32_policy(dtype),
-        )
-        self._setup_float32()
 
 
 @keras.saving.register_keras_serializable(package="tfmp")
@@ -307,25 +274,6 @@ class BinaryCrossentropy(_Float32Loss, keras.losses.BinaryCrossentropy):
 
     _tfmp_fn = staticmethod(binary_crossentropy)
 
-    def __init__(
-        self,
-        from_logits: bool = False,
-        label_smoothing: float = 0.0,
-        axis: int = -1,
-        reduction="sum_over_batch_size",
-        name: str = "binary_crossentropy",
-        dtype=None,
-    ):
-        super().__init__(
-            from_logits=from_logits,
-            label_smoothing=label_smoothing,
-            axis=axis,
-            reduction=reduction,
-            name=name,
-            dtype=_float32_policy(dtype),
-        )
-        self._setup_float32()
-
 
 @keras.saving.register_keras_serializable(package="tfmp")
 class MeanSquaredError(_Float32Loss, keras.losses.MeanSquaredError):
@@ -342,8 +290,3 @@ class MeanSquaredError(_Float32Loss, keras.losses.MeanSquaredError):
     """
 
     _tfmp_fn = staticmethod(mean_squared_error)
-
-    def __init__(self, reduction="sum_over_batch_size", name: str = "mean_squared_error",
-                 dtype=None):
-        super().__init__(reduction=reduction, name=name, dtype=_float32_policy(dtype))
-        self._setup_float32()

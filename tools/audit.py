@@ -12,19 +12,18 @@ Writes `report.json` (see `tfmp.audit.AuditReport.to_dict`) and `audit.png`
 histogram) into `--out_dir` (default: the current directory), and prints the
 table. The model is loaded with `safe_mode=True` and the data with
 `allow_pickle=False`. Bad input prints one `error:` line on stderr and exits
-with status 1 (missing files and a missing `x` are found before TensorFlow is
-imported; TensorFlow's C++ start-up lines may still reach stderr after that).
+with status 1 (TensorFlow's C++ start-up lines may also reach stderr).
 """
 
 import json
 import os
-import sys
-import warnings
 import zipfile
 from collections.abc import Callable
 from typing import Any
 
 from absl import app, flags
+
+import tfmp
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 FLAGS = flags.FLAGS
@@ -86,11 +85,7 @@ def audit(*, model_path: str | None = None, data_path: str | None = None,
             "give either --model (with --data) or --recipe_model. Received: "
             f"model={model_path!r}, recipe_model={recipe_model!r}")
     if model_path is not None:
-        if not os.path.isfile(model_path):
-            raise ValueError(f"`model` is not a file. Received: model={model_path!r}")
-        if not zipfile.is_zipfile(model_path):
-            raise ValueError(
-                f"`model` is not a `.keras` zip archive. Received: model={model_path!r}")
+        tfmp.cli.check_keras_file(model_path, argument="model")
         if data_path is None:
             raise ValueError("--model needs --data=batch.npz (arrays `x` and optional `y`).")
         x, y = _load_batch(data_path)
@@ -101,27 +96,13 @@ def audit(*, model_path: str | None = None, data_path: str | None = None,
     if policy not in _POLICIES:
         raise ValueError(
             f"Unknown `policy`: {policy!r}. Expected one of: {', '.join(_POLICIES)}.")
-
-    import keras
-
-    import tfmp.audit
-    import tfmp.data
-    import tfmp.models
-
     if recipe_model is not None:
         tfmp.models.validate_image_model(recipe_model)
         model = tfmp.models.image_classifier(recipe_model, (32, 32, 3), 10)
         x, y = tfmp.data.synthetic_images(batch_size, 32, 10, seed=0)
         loss = loss or "sparse_categorical_crossentropy"
     else:
-        try:
-            with warnings.catch_warnings():  # "Skipping variable loading for optimizer".
-                warnings.simplefilter("ignore", UserWarning)
-                model = keras.saving.load_model(model_path, safe_mode=True)
-        except Exception as e:
-            raise ValueError(
-                f"could not load `model` in safe mode ({type(e).__name__}: {e}). "
-                f"Received: model={model_path!r}") from e
+        model = tfmp.cli.load_keras_file(model_path, argument="model", compile=True)
     report = tfmp.audit.audit_model(
         model, x, y, loss=loss, policy=None if policy == "model" else policy,
         loss_scale=loss_scale)
@@ -158,16 +139,12 @@ def _define_flags() -> None:
 
 
 def main(argv):
-    try:
+    with tfmp.cli.one_line_errors():
         if len(argv) > 1:
             raise ValueError(f"unexpected arguments: {argv[1:]}")
         audit(model_path=FLAGS.model, data_path=FLAGS.data, recipe_model=FLAGS.recipe_model,
               batch_size=FLAGS.batch_size, policy=FLAGS.policy, loss=FLAGS.loss,
               loss_scale=FLAGS.loss_scale, out_dir=FLAGS.out_dir)
-    except Exception as e:  # A CLI error is one line, not a traceback.
-        message = " ".join(str(e).split())
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(1)
 
 
 if __name__ == "__main__":

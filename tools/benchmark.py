@@ -38,7 +38,6 @@ import os
 import statistics
 import sys
 import time
-import zipfile
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -86,11 +85,11 @@ def _build(spec: _Spec):
     import numpy as np
 
     import tfmp
-    from tfmp import convert, data, models, training
+    from tfmp import cli, convert, data, models, training
 
     keras.utils.set_random_seed(spec.seed)
     if spec.model_file is not None:
-        loaded = keras.saving.load_model(spec.model_file, safe_mode=True, compile=False)
+        loaded = cli.load_keras_file(spec.model_file, argument="model_file")
         model = convert.apply_policy(loaded, spec.policy)
         rng = np.random.default_rng(spec.seed)
         xs = []
@@ -308,11 +307,9 @@ def _check(*, model, model_file, policies, batch_size, steps, repeats, warmup, i
             f"`policies` must list distinct policies from {', '.join(POLICIES)}, float32 first "
             f"(the ratios are to float32). Received: policies={list(policies)}")
     if model_file is not None:
-        if not os.path.isfile(model_file):
-            raise ValueError(f"`model_file` is not a file. Received: model_file={model_file!r}")
-        if not zipfile.is_zipfile(model_file):
-            raise ValueError(
-                f"`model_file` is not a `.keras` zip archive. Received: model_file={model_file!r}")
+        from tfmp import cli
+
+        cli.check_keras_file(model_file, argument="model_file")
     else:
         from tfmp import models
 

@@ -6,16 +6,13 @@ python -m tools.export_savedmodel --model=model.keras --export_dir=/tmp/serving/
 The model is loaded with `safe_mode=True` (no Lambda code, no pickles) and without
 its optimizer. Bad input prints one `error:` line on stderr and exits with status 1.
 (TensorFlow's C++ start-up lines, `I0000 ... port.cc ...` and the like, may also
-reach stderr once TensorFlow is imported: TF 2.21 prints some of them whatever
-`TF_CPP_MIN_LOG_LEVEL` says. Missing or non-zip `--model` files are reported
-before TensorFlow is imported.)
+reach stderr: TF 2.21 prints some of them whatever `TF_CPP_MIN_LOG_LEVEL` says.)
 """
 
-import os
-import sys
-import zipfile
 
 from absl import app, flags, logging
+
+import tfmp
 
 _MODEL = flags.DEFINE_string("model", None, "Path of the `.keras` model file to export.")
 _EXPORT_DIR = flags.DEFINE_string("export_dir", None, "SavedModel directory to write.")
@@ -47,25 +44,8 @@ def export_savedmodel(model_path: str, export_dir: str, serving_dtype: str = "fl
 
         print(export_savedmodel("model.keras", "/tmp/serving/1"))
     """
-    # File checks come before the (slow) TensorFlow import.
-    if not os.path.isfile(model_path):
-        raise ValueError(f"`--model` is not a file. Received: --model={model_path!r}")
-    if not zipfile.is_zipfile(model_path):
-        raise ValueError(
-            f"`--model` is not a `.keras` zip archive. Received: --model={model_path!r}"
-        )
-    import keras
-
-    import tfmp.export
-
     tfmp.export.validate_serving_dtype(serving_dtype)
-    try:
-        model = keras.saving.load_model(model_path, compile=False, safe_mode=True)
-    except Exception as e:
-        raise ValueError(
-            f"could not load `--model` as a Keras model ({type(e).__name__}: {e}). "
-            f"Received: --model={model_path!r}"
-        ) from e
+    model = tfmp.cli.load_keras_file(model_path, argument="--model")
     path = tfmp.export.export_saved_model(model, export_dir, serving_dtype=serving_dtype)
     sig = tfmp.export.serving_signature(path)
     return (
@@ -79,16 +59,12 @@ def main(argv):
     del argv
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # TensorFlow's INFO lines about saving.
-    try:
+    with tfmp.cli.one_line_errors():
         if not _MODEL.value:
             raise ValueError("`--model` is required: the path of a `.keras` file.")
         if not _EXPORT_DIR.value:
             raise ValueError("`--export_dir` is required: the SavedModel directory to write.")
         print(export_savedmodel(_MODEL.value, _EXPORT_DIR.value, _SERVING_DTYPE.value))
-    except Exception as e:  # A CLI error is one line, not a traceback.
-        message = " ".join(str(e).split())
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(1)
 
 
 if __name__ == "__main__":

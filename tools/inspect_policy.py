@@ -7,18 +7,17 @@ Dense/Conv/Embedding/attention dimensions that are not multiples of 8 (see
 `tfmp.convert.summary`). With `--json`, prints the rows as a JSON list instead
 of the table. The model is loaded with `safe_mode=True` and `compile=False` (no
 Lambda code, no pickles, no optimizer). A missing or unreadable file prints one
-`error:` line on stderr and exits with status 1 (checked before TensorFlow is
-imported; TensorFlow's own C++ start-up lines may still reach stderr after that).
+`error:` line on stderr and exits with status 1 (TensorFlow's own C++ start-up
+lines may also reach stderr).
 """
 
 import json
-import os
-import sys
-import zipfile
 from collections.abc import Callable
 from typing import Any
 
 from absl import app, flags
+
+import tfmp
 
 _JSON = flags.DEFINE_boolean("json", False, "Print the rows as JSON instead of a table.")
 
@@ -44,22 +43,7 @@ def inspect_policy(
 
         rows = inspect_policy("model.keras", as_json=True)
     """
-    # File checks come before the (slow) TensorFlow import.
-    if not os.path.isfile(path):
-        raise ValueError(f"`path` is not a file. Received: path={path!r}")
-    if not zipfile.is_zipfile(path):
-        raise ValueError(f"`path` is not a `.keras` zip archive. Received: path={path!r}")
-    import keras
-
-    import tfmp.convert
-
-    try:
-        model = keras.saving.load_model(path, safe_mode=True, compile=False)
-    except Exception as e:
-        raise ValueError(
-            f"could not load `path` as a Keras model in safe mode ({type(e).__name__}: {e}). "
-            f"Received: path={path!r}"
-        ) from e
+    model = tfmp.cli.load_keras_file(path, argument="path")
     if not as_json:
         return tfmp.convert.summary(model, print_fn=print_fn)
     rows = tfmp.convert.summary(model, print_fn=lambda line: None)
@@ -68,17 +52,13 @@ def inspect_policy(
 
 
 def main(argv):
-    try:
+    with tfmp.cli.one_line_errors():
         if len(argv) != 2:
             raise ValueError(
                 "expected exactly one model path: python -m tools.inspect_policy "
                 f"model.keras [--json]. Received: {argv[1:]}"
             )
         inspect_policy(argv[1], as_json=_JSON.value)
-    except Exception as e:  # A CLI error is one line, not a traceback.
-        message = " ".join(str(e).split())
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(1)
 
 
 if __name__ == "__main__":
