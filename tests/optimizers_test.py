@@ -128,6 +128,20 @@ class DynamicsTest(TestCase):
         opt.apply([_grad([1.0, 1.0]), _grad([np.inf, 1.0]), None], [a, b, c])
         self.assertEqual(opt.nonfinite_variables(), [b.path])
 
+    @parameterized.named_parameters(
+        ("inf_and_minus_inf", [np.inf, -np.inf], "float32", True),
+        ("nan_among_large", [np.nan, 1e30], "float32", True),
+        ("large_but_finite", [1e37, 1e37], "float32", False),
+        ("float16_sum_past_65504", [60000.0, 60000.0], "float16", False),
+        ("float16_inf", [np.inf, 1.0], "float16", True),
+    )
+    def test_finiteness_check(self, values, dtype, skipped):
+        opt = tfmp.LossScaleOptimizer(keras.optimizers.SGD(0.0), initial_scale=1.0)
+        v = keras.Variable(np.zeros(2, dtype), dtype=dtype)
+        opt.apply([ops.convert_to_tensor(np.array(values, dtype))], [v])
+        self.assertEqual(bool(opt.last_step_skipped), skipped)
+        self.assertAllFinite(v)
+
     def test_growth_and_backoff_factors(self):
         opt = tfmp.LossScaleOptimizer(
             keras.optimizers.SGD(0.1), initial_scale=16.0, dynamic_growth_steps=2,

@@ -51,7 +51,7 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
 
         g = grads / scale                     # unless already unscaled by the user
         if tf.distribute: g = all_reduce_sum(g)   # before the check and the clipping
-        finite = all(isfinite(g))
+        finite = all(isfinite(sum(g_i)) for each variable i)   # one reduction each
         if finite:
             inner_optimizer.apply(g)          # clipping, weight decay, EMA, accumulation
             consecutive_skipped = 0
@@ -296,15 +296,24 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
         return self._divide(grads, keep, scale)
 
     def _finite_mask(self, grads, trainable_variables):
-        """Per-variable finiteness, ordered as the variables the optimizer was built on."""
-        flags = [None] * len(self._trainable_variables)
+        """Per-variable finiteness, ordered as the variables the optimizer was built on.
+
+        One reduction a gradient: `sum(g)` is inf or NaN as soon as one element
+        is, so `isfinite(sum(g))` finds every non-finite gradient with one kernel
+        (`all(isfinite(g))` takes two). Sums are taken in float32 (16-bit
+        gradients are cast first). A gradient whose finite elements sum past
+        float32's range (3.4e38) also counts as non-finite: such a step is skipped.
+        """
+        sums = [None] * len(self._trainable_variables)
         for g, v in zip(grads, trainable_variables, strict=True):
             if g is not None:
-                flags[self._get_variable_index(v)] = ops.all(ops.isfinite(g))
-        if any(f is None for f in flags):  # variables without a gradient count as finite
-            true = ops.convert_to_tensor(True)
-            flags = [true if f is None else f for f in flags]
-        mask = ops.stack(flags) if flags else ops.ones((0,), "bool")
+                if keras.backend.standardize_dtype(g.dtype) != "float32":
+                    g = ops.cast(g, "float32")
+                sums[self._get_variable_index(v)] = ops.sum(g)
+        if any(s is None for s in sums):  # variables without a gradient count as finite
+            zero = ops.zeros((), "float32")
+            sums = [zero if s is None else s for s in sums]
+        mask = ops.isfinite(ops.stack(sums)) if sums else ops.ones((0,), "bool")
         return mask, ops.all(mask)
 
     def check_finite(self, grads):
