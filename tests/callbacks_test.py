@@ -88,6 +88,15 @@ class LossScaleMonitorTest(TestCase):
         for a, b in zip(before, model.get_weights(), strict=True):
             np.testing.assert_array_equal(a, b)
 
+    def test_disabled_optimizer_logs_scale_one(self):
+        x, y = _data(8)
+        model = _model()
+        opt = tfmp.LossScaleOptimizer(keras.optimizers.SGD(0.01), enabled=False)
+        model.compile(optimizer=opt, loss="mse")
+        history = model.fit(x, y, epochs=1, verbose=0,
+                            callbacks=[tfmp.callbacks.LossScaleMonitor()])
+        self.assertEqual(history.history["loss_scale"], [1.0])
+
     def test_no_optimizer_scaling_is_a_no_op(self):
         x, y = _data(8)
         model = _model()

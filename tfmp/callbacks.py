@@ -75,7 +75,8 @@ class LossScaleMonitor(keras.callbacks.Callback):
         return {"log_dir": self.log_dir, "max_consecutive_skips": self.max_consecutive_skips}
 
     def _values(self, opt) -> dict:
-        logs = {"loss_scale": float(ops.convert_to_numpy(opt.dynamic_scale))}
+        scale = getattr(opt, "loss_scale", opt.dynamic_scale)  # tfmp's is 1.0 when disabled
+        logs = {"loss_scale": float(ops.convert_to_numpy(scale))}
         if hasattr(opt, "skipped_steps"):
             logs["skipped_steps"] = int(ops.convert_to_numpy(opt.skipped_steps))
         return logs
