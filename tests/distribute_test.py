@@ -85,6 +85,15 @@ class EquivalenceTest(TestCase):
         _assert_same_weights(self, single, mirrored)
         self.assertEqual(state, single_state)
 
+    def test_two_replicas_equal_one_device_with_scaling_disabled(self):
+        # enabled=False (every policy but mixed_float16 in the recipes) still all-reduces.
+        single, _ = distributed_run.train(tf.distribute.get_strategy(), clipnorm=0.5,
+                                          enabled=False)
+        mirrored, state = distributed_run.train(tfmp.distribute.create_strategy("mirrored"),
+                                                clipnorm=0.5, enabled=False)
+        _assert_same_weights(self, single, mirrored)
+        self.assertEqual(state["iterations"], distributed_run.STEPS)
+
     def test_two_workers_equal_one_device_with_global_clipnorm(self):
         single, single_state = distributed_run.train(tf.distribute.get_strategy(), clipnorm=0.5)
         workers = _launch(self.tmp_dir(), "--clipnorm=0.5")

@@ -24,7 +24,8 @@ def _rows(step, replica, replicas):
     return slice(start, start + per)
 
 
-def train(strategy, *, clipnorm=None, nan_replica=None, nan_step=None, policy="float32"):
+def train(strategy, *, clipnorm=None, nan_replica=None, nan_step=None, policy="float32",
+          enabled=True):
     """Trains a small Dense model for STEPS steps; returns (weights, optimizer state)."""
     import keras
     import tensorflow as tf
@@ -46,7 +47,7 @@ def train(strategy, *, clipnorm=None, nan_replica=None, nan_step=None, policy="f
         model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="relu"),
                                   keras.layers.Dense(1, dtype="float32")])
         opt = tfmp.LossScaleOptimizer(keras.optimizers.SGD(0.05, global_clipnorm=clipnorm),
-                                      initial_scale=2.0**8)
+                                      initial_scale=2.0**8, enabled=enabled)
         model.compile(optimizer=opt, loss="mse")
     with tfmp.distribute.keras_fit_scope(model, strategy):
         model.fit(data, epochs=1, steps_per_epoch=STEPS, verbose=0)

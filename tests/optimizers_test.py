@@ -257,6 +257,21 @@ class CustomLoopTest(TestCase):
         for a, b in zip(model.get_weights(), plain_model.get_weights(), strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
+    def test_unscaled_in_one_function_applied_in_another(self):
+        v = _var([1.0, 1.0])
+        opt = tfmp.LossScaleOptimizer(keras.optimizers.SGD(1.0), initial_scale=1024.0)
+
+        @tf.function
+        def grads():
+            return opt.get_unscaled_gradients([_grad([1024.0, 2048.0])])
+
+        for step in range(3):  # built after the first apply: the flag is then a variable
+            opt.apply_gradients(zip(grads(), [v], strict=True))
+            self.assertAllClose(v, [1.0 - (step + 1), 1.0 - 2 * (step + 1)])
+        # The flag lasts one apply: scaled gradients are divided again afterwards.
+        opt.apply([_grad([1024.0, 1024.0])], [v])
+        self.assertAllClose(v, [-3.0, -6.0])
+
     def test_mixed_float16_custom_loop_keeps_weights_finite(self):
         keras.config.set_dtype_policy("mixed_float16")
         x, y = _regression_data()
@@ -418,8 +433,15 @@ class ValidationTest(TestCase):
         ("backoff_zero", dict(backoff_factor=0.0), "backoff_factor=0.0"),
         ("min_gt_max", dict(min_scale=8.0, max_scale=4.0, initial_scale=4.0),
          r"`min_scale` must be <= max_scale \(4.0\). Received: min_scale=8.0"),
-        ("min_zero", dict(min_scale=0.0), "`min_scale` must be > 0"),
-        ("max_inf", dict(max_scale=float("inf")), "`max_scale` must be finite"),
+        ("min_zero", dict(min_scale=0.0), r"`min_scale` must be in float32's normal range"),
+        ("min_below_float32", dict(min_scale=1e-46, initial_scale=1e-46),
+         r"`initial_scale` must be in float32's normal range \[1.175e-38, 3.403e\+38\]. "
+         r"Received: initial_scale=1e-46"),
+        ("max_inf", dict(max_scale=float("inf")), "Received: max_scale=inf"),
+        ("max_past_float32", dict(max_scale=1e39), "Received: max_scale=1e\\+39"),
+        ("growth_none", dict(growth_factor=None), "`growth_factor` must be a number. "
+         "Received: growth_factor=None"),
+        ("initial_string", dict(initial_scale="big"), "`initial_scale` must be a number"),
         ("initial_high", dict(initial_scale=2.0**30), r"`initial_scale` must be in \[min_scale"),
         ("initial_low", dict(initial_scale=0.5), "Received: initial_scale=0.5"),
         ("hysteresis", dict(hysteresis=0), "`hysteresis` must be an integer >= 1"),
@@ -429,6 +451,17 @@ class ValidationTest(TestCase):
     def test_bad_arguments(self, kwargs, message):
         with self.assertRaisesRegex(ValueError, message):
             tfmp.LossScaleOptimizer(keras.optimizers.SGD(0.1), **kwargs)
+
+    def test_apply_misuse(self):
+        opt = tfmp.LossScaleOptimizer(keras.optimizers.SGD(0.1))
+        with self.assertRaisesRegex(ValueError, "must already be built"):
+            opt.apply([_grad([1.0, 1.0])])
+        a, b = _var(), _var()
+        opt.build([a])
+        with self.assertRaisesRegex(ValueError, "Unknown variable"):
+            opt.apply([_grad([1.0, 1.0])], [b])
+        with self.assertRaisesRegex(ValueError, "Received: 2 gradients for 1 variables"):
+            opt.apply([_grad([1.0, 1.0])] * 2)
 
     def test_inner_must_be_optimizer(self):
         with self.assertRaisesRegex(ValueError, "`inner_optimizer` must be a `keras.optimizers"):

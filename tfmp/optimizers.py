@@ -6,9 +6,6 @@ the `tf.distribute` path is in `_tf_apply` and says so.
 
 from __future__ import annotations
 
-import math
-import threading
-
 import keras
 from keras import ops
 
@@ -29,6 +26,10 @@ _STATE = (
     ("skipped_steps", "int"),
     ("consecutive_skipped", "int"),
 )
+
+
+_FLOAT32_TINY = 2.0**-126  # smallest normal float32
+_FLOAT32_MAX = 3.4028234663852886e38
 
 
 def _check(condition: bool, argument: str, value, allowed: str) -> None:
@@ -132,10 +133,18 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
             isinstance(inner_optimizer, keras.optimizers.Optimizer),
             "inner_optimizer", inner_optimizer, "a `keras.optimizers.Optimizer` instance",
         )
+        for argument, value in (("initial_scale", initial_scale), ("growth_factor", growth_factor),
+                                 ("backoff_factor", backoff_factor), ("min_scale", min_scale),
+                                 ("max_scale", max_scale)):
+            _check(isinstance(value, (int, float)) and not isinstance(value, bool), argument,
+                   value, "a number")
+        for argument, value in (("initial_scale", initial_scale), ("min_scale", min_scale),
+                                ("max_scale", max_scale)):
+            # The scale lives in a float32 variable: 1e-46 would be stored as 0.
+            _check(_FLOAT32_TINY <= value <= _FLOAT32_MAX, argument, value,
+                   f"in float32's normal range [{_FLOAT32_TINY:.4g}, {_FLOAT32_MAX:.4g}]")
         _check(growth_factor > 1, "growth_factor", growth_factor, "> 1")
         _check(0 < backoff_factor < 1, "backoff_factor", backoff_factor, "in (0, 1)")
-        _check(min_scale > 0, "min_scale", min_scale, "> 0")
-        _check(math.isfinite(max_scale), "max_scale", max_scale, "finite")
         _check(min_scale <= max_scale, "min_scale", min_scale, f"<= max_scale ({max_scale})")
         _check(
             min_scale <= initial_scale <= max_scale, "initial_scale", initial_scale,
@@ -159,9 +168,13 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
         self.max_scale = float(max_scale)
         self.hysteresis = int(hysteresis)
         self.enabled = bool(enabled)
-        # Set by `get_unscaled_gradients` for the next `apply` on the same thread
-        # (replicas of a MirroredStrategy run on threads of their own).
-        self._unscaled_by_user = threading.local()
+        # 1 after `get_unscaled_gradients`: the next apply does not divide again.
+        # Made here, not in build(), so that a tf-keras loop's first call (before
+        # the first apply builds the optimizer) already sets it at run time.
+        with keras.name_scope(self.name, caller=self):
+            self.grads_unscaled = keras.Variable(  # an initializer: a buffer of its own
+                keras.initializers.Zeros(), shape=(), name="grads_unscaled", dtype="int32",
+                trainable=False, aggregation="only_first_replica")  # tracked on assignment
         if keras.backend.backend() == "tensorflow":
             # The wrapper all-reduces before checking and unscaling, so the inner
             # optimizer must not sum the (already summed) gradients again.
@@ -261,8 +274,10 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
     def get_unscaled_gradients(self, grads):
         """Divides gradients of a scaled loss by the scale (tf-keras API).
 
-        The next `apply`/`apply_gradients` on this thread then takes the
-        gradients as already unscaled and does not divide them again.
+        The next `apply`/`apply_gradients` then takes its gradients as already
+        unscaled and does not divide them again (also when this runs in one
+        `tf.function` and the apply in another): call it only on gradients you
+        are about to apply.
 
         Args:
             grads: A list of gradients (`None` entries are kept).
@@ -272,7 +287,7 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
         """
         if not self.enabled:
             return list(grads)
-        self._unscaled_by_user.value = True
+        self.grads_unscaled.assign(1)
         return self._divide(grads, [False] * len(grads), self.loss_scale)
 
     @staticmethod
@@ -322,25 +337,42 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
         return ops.all(ops.stack(flags)) if flags else ops.convert_to_tensor(True)
 
     # ----------------------------------------------------------------- apply
-    def _prepare(self, grads, trainable_variables, scale):
-        """Unscales `grads` unless `get_unscaled_gradients` already did."""
+    def _prepare(self, grads, trainable_variables, scale, unscaled_flag):
+        """Unscales `grads` unless `get_unscaled_gradients` already did.
+
+        Returns the gradients, the variables and the new value of the flag (0).
+        """
         tvs = list(trainable_variables or self._trainable_variables)
-        if getattr(self._unscaled_by_user, "value", False):
-            self._unscaled_by_user.value = False
-            return list(grads), tvs
-        return self._unscale(grads, tvs, scale), tvs
+        if len(grads) != len(tvs):
+            raise ValueError(
+                f"`grads` and `trainable_variables` must have the same length. Received: "
+                f"{len(grads)} gradients for {len(tvs)} variables.")
+        divisor = ops.where(ops.greater(unscaled_flag, 0), ops.ones_like(scale), scale)
+        return self._unscale(grads, tvs, divisor), tvs, ops.zeros_like(unscaled_flag)
+
+    def _prepare_stateful(self, grads, trainable_variables):
+        grads, tvs, flag = self._prepare(
+            grads, trainable_variables, self.dynamic_scale.value, self.grads_unscaled.value)
+        self.grads_unscaled.assign(flag)
+        return grads, tvs
 
     def apply(self, grads, trainable_variables=None):
         if not self.built:
+            if trainable_variables is None:
+                raise ValueError(
+                    "When passing `grads` without `trainable_variables`, the optimizer must "
+                    "already be built: call `optimizer.build(trainable_variables)` first.")
             with keras.name_scope(self.name, caller=self):
                 self.build(trainable_variables)
             self.built = True
-        if not self.enabled:
-            self.inner_optimizer.apply(grads, trainable_variables)
-        elif keras.backend.backend() == "tensorflow":
+        elif trainable_variables is not None:
+            self._check_variables_are_known(trainable_variables)
+        if keras.backend.backend() == "tensorflow":
             self._tf_apply(grads, trainable_variables)
+        elif not self.enabled:
+            self.inner_optimizer.apply(grads, trainable_variables)
         else:
-            grads, tvs = self._prepare(grads, trainable_variables, self.dynamic_scale)
+            grads, tvs = self._prepare_stateful(grads, trainable_variables)
             self._common_apply(grads, tvs, trainable_variables)
 
     def _common_apply(self, grads, tvs, trainable_variables):
@@ -370,15 +402,21 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
 
         if tf.distribute.in_cross_replica_context():
             raise ValueError("apply() must be called in a replica context.")
-        grads, tvs = self._prepare(grads, trainable_variables, self.dynamic_scale)
-        if not tf.distribute.has_strategy():
-            return self._common_apply(grads, tvs, trainable_variables)
+        if self.enabled:
+            grads, tvs = self._prepare_stateful(grads, trainable_variables)
+        else:
+            grads, tvs = list(grads), list(trainable_variables or self._trainable_variables)
         ctx = tf.distribute.get_replica_context()
-        if ctx.num_replicas_in_sync > 1:
+        if tf.distribute.has_strategy() and ctx.num_replicas_in_sync > 1:
+            # The inner optimizer's own all-reduce is switched off (see __init__).
             present = [i for i, g in enumerate(grads) if g is not None]
             reduced = ctx.all_reduce(tf.distribute.ReduceOp.SUM, [grads[i] for i in present])
             for i, g in zip(present, reduced, strict=True):
                 grads[i] = g
+        if not self.enabled:
+            return self.inner_optimizer.apply(grads, trainable_variables)
+        if not tf.distribute.has_strategy():
+            return self._common_apply(grads, tvs, trainable_variables)
         if tf.__internal__.distribute.strategy_supports_no_merge_call():
             return self._common_apply(grads, tvs, trainable_variables)
 
@@ -417,7 +455,8 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
         index = {id(v): i for i, v in enumerate(self._variables)}
         state_idx = [index[id(v)] for v in self._state_vars]
         scale = own[index[id(self.dynamic_scale)]]
-        grads, tvs = self._prepare(grads, None, scale)
+        flag_idx = index[id(self.grads_unscaled)]
+        grads, tvs, own[flag_idx] = self._prepare(grads, None, scale, own[flag_idx])
         mask, finite = self._finite_mask(grads, tvs)
         new_state = self._next_state(finite, [own[i] for i in state_idx])
         for i, value in zip(state_idx, new_state, strict=True):
