@@ -97,6 +97,17 @@ class LossScaleMonitorTest(TestCase):
                             callbacks=[tfmp.callbacks.LossScaleMonitor()])
         self.assertEqual(history.history["loss_scale"], [1.0])
 
+    def test_stops_at_a_min_scale_not_exact_in_float32(self):
+        x, y = _data()
+        model = _model(NanGradient(name="broken"))
+        opt = tfmp.LossScaleOptimizer(keras.optimizers.SGD(0.01), initial_scale=0.4,
+                                      min_scale=0.1)
+        model.compile(optimizer=opt, loss="mse")
+        with self.assertRaisesRegex(tfmp.callbacks.LossScaleError, r"minimum \(0.1\)"):
+            model.fit(x, y, batch_size=2, epochs=3, verbose=0,
+                      callbacks=[tfmp.callbacks.LossScaleMonitor(max_consecutive_skips=4)])
+        self.assertEqual(int(ops.convert_to_numpy(opt.skipped_steps)), 4)
+
     def test_no_optimizer_scaling_is_a_no_op(self):
         x, y = _data(8)
         model = _model()

@@ -294,6 +294,15 @@ class ExportTest(TestCase):
                 _dense_model(), os.path.join(self._tmp(), "m"), serving_dtype=serving_dtype
             )
 
+    def test_refuses_remote_paths(self):
+        cwd = os.getcwd()
+        os.chdir(self._tmp())
+        self.addCleanup(os.chdir, cwd)
+        with self.assertRaisesRegex(ValueError, "`export_dir` must be a local path.*"
+                                    "Received: export_dir='gs://bucket/serving/1'"):
+            export.export_saved_model(_dense_model(), "gs://bucket/serving/1")
+        self.assertEqual(os.listdir("."), [])  # no local ./gs:/ directory either
+
     def test_bad_model(self):
         with self.assertRaisesRegex(ValueError, r"`model` must be a `keras.Model`.*Dense"):
             export.export_saved_model(keras.layers.Dense(2), os.path.join(self._tmp(), "m"))

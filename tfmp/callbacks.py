@@ -13,6 +13,7 @@ import tempfile
 import time
 
 import keras
+import numpy as np
 from keras import ops
 
 __all__ = ["BackupAndRestore", "LossScaleError", "LossScaleMonitor", "Throughput"]
@@ -120,7 +121,8 @@ class LossScaleMonitor(keras.callbacks.Callback):
         if self.max_consecutive_skips is None or not hasattr(opt, "consecutive_skipped_steps"):
             return
         consecutive = int(ops.convert_to_numpy(opt.consecutive_skipped_steps))
-        at_floor = not opt.dynamic or values["loss_scale"] <= opt.min_scale
+        # The scale is a float32 variable: compare with min_scale rounded the same way.
+        at_floor = not opt.dynamic or values["loss_scale"] <= float(np.float32(opt.min_scale))
         if consecutive < self.max_consecutive_skips or not at_floor:
             return
         names = opt.nonfinite_variables()

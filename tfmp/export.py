@@ -161,6 +161,23 @@ def _serving_fn(model: keras.Model, structure, serving_dtype: str) -> Callable:
     return serve
 
 
+def check_export_dir(export_dir: str | os.PathLike) -> str:
+    """Checks that `export_dir` can be written (before any training), and returns it absolute.
+
+    Raises:
+        ValueError: for a remote path (`gs://...`: the atomic rename needs a local
+            file system), or an existing path that is neither empty nor a SavedModel.
+    """
+    path = os.fspath(export_dir)
+    if "://" in path:
+        raise ValueError(
+            "`export_dir` must be a local path (the SavedModel is renamed into place "
+            f"atomically); copy it to remote storage afterwards. Received: export_dir={path!r}")
+    path = os.path.abspath(path)
+    _check_replaceable(path)
+    return path
+
+
 def _check_replaceable(export_dir: str) -> None:
     """Refuses to replace anything but an empty directory or a previous SavedModel."""
     if not os.path.lexists(export_dir):
@@ -264,8 +281,7 @@ def export_saved_model(
     """
     validate_serving_dtype(serving_dtype)
     structure = _input_structure(model)
-    export_dir = os.path.abspath(os.fspath(export_dir))
-    _check_replaceable(export_dir)
+    export_dir = check_export_dir(export_dir)
 
     archive = keras.export.ExportArchive()
     archive.track(model)
