@@ -25,7 +25,8 @@ def run(*, policy: str = "mixed_float16", loss_scale: str = "dynamic", dataset: 
         steps_per_epoch: int | None = None, learning_rate: float = 1e-3,
         jit_compile: bool = False, distribution: str = "none", model_dir: str | None = None,
         export_dir: str | None = None, seed: int = 0, model: str = "resnet_mini",
-        image_size: int = 32, num_synthetic: int = 2048, dataset_override=None,
+        image_size: int = 32, num_synthetic: int = 2048, cpu_replicas: int = 1,
+        dataset_override=None,
         verbose: int = 2) -> dict:
     """Trains and evaluates `model` on `dataset`; see `tfmp.training.train_and_evaluate`.
 
@@ -36,22 +37,23 @@ def run(*, policy: str = "mixed_float16", loss_scale: str = "dynamic", dataset: 
     Returns:
         The metrics dict of `tfmp.training.train_and_evaluate`.
     """
-    tfmp.training.check_args(policy=policy, loss_scale=loss_scale, dataset=dataset,
-                             datasets=tfmp.data.IMAGE_DATASETS, batch_size=batch_size,
-                             epochs=epochs, steps_per_epoch=steps_per_epoch,
-                             learning_rate=learning_rate, distribution=distribution)
+    tfmp.training.prepare(policy=policy, loss_scale=loss_scale, dataset=dataset,
+                          datasets=tfmp.data.IMAGE_DATASETS, batch_size=batch_size,
+                          epochs=epochs, steps_per_epoch=steps_per_epoch,
+                          learning_rate=learning_rate, distribution=distribution, seed=seed,
+                          export_dir=export_dir, num_synthetic=num_synthetic,
+                          cpu_replicas=cpu_replicas)
     with tfmp.training.usage_errors():
         tfmp.models.validate_image_model(model)
         info = tfmp.data.dataset_info(dataset, image_size=image_size)
-    # Before any TensorFlow op: MultiWorkerMirroredStrategy must come first.
-    tfmp.distribute.create_strategy(distribution)
-    if dataset_override is not None:
-        train, evaluation = dataset_override
-    else:
-        common = dict(batch_size=batch_size, image_size=image_size, data_dir=data_dir,
-                      seed=seed, num_examples_synthetic=num_synthetic)
-        train = tfmp.data.image_dataset(dataset, info.train_split, training=True, **common)
-        evaluation = tfmp.data.image_dataset(dataset, info.eval_split, training=False, **common)
+        if dataset_override is not None:
+            train, evaluation = dataset_override
+        else:
+            common = dict(batch_size=batch_size, image_size=image_size, data_dir=data_dir,
+                          seed=seed, num_examples_synthetic=num_synthetic)
+            train = tfmp.data.image_dataset(dataset, info.train_split, training=True, **common)
+            evaluation = tfmp.data.image_dataset(dataset, info.eval_split, training=False,
+                                                 **common)
     keras.utils.set_random_seed(seed)
     return tfmp.training.train_and_evaluate(
         lambda: tfmp.models.image_classifier(model, info.input_shape, info.num_classes),
@@ -64,7 +66,6 @@ def run(*, policy: str = "mixed_float16", loss_scale: str = "dynamic", dataset: 
 def main(argv):
     del argv
     values = tfmp.training.flag_values(_FLAGS)
-    tfmp.distribute.configure_cpu_replicas(values.pop("cpu_replicas"))
     sys.exit(tfmp.training.run_main(run, values, model=_MODEL.value,
                                     image_size=_IMAGE_SIZE.value))
 

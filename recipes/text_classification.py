@@ -28,7 +28,8 @@ def run(*, policy: str = "mixed_float16", loss_scale: str = "dynamic",
         jit_compile: bool = False, distribution: str = "none", model_dir: str | None = None,
         export_dir: str | None = None, seed: int = 0, seq_len: int = 128,
         vocab_size: int = 20_000, embed_dim: int = 64, num_heads: int = 4, num_layers: int = 2,
-        num_synthetic: int = 2048, dataset_override=None, verbose: int = 2) -> dict:
+        num_synthetic: int = 2048, cpu_replicas: int = 1, dataset_override=None,
+        verbose: int = 2) -> dict:
     """Trains and evaluates the Transformer classifier; see `tfmp.training.train_and_evaluate`.
 
     Args:
@@ -38,24 +39,29 @@ def run(*, policy: str = "mixed_float16", loss_scale: str = "dynamic",
     Returns:
         The metrics dict of `tfmp.training.train_and_evaluate`.
     """
-    tfmp.training.check_args(policy=policy, loss_scale=loss_scale, dataset=dataset,
-                             datasets=tfmp.data.TEXT_DATASETS, batch_size=batch_size,
-                             epochs=epochs, steps_per_epoch=steps_per_epoch,
-                             learning_rate=learning_rate, distribution=distribution)
+    tfmp.training.prepare(policy=policy, loss_scale=loss_scale, dataset=dataset,
+                          datasets=tfmp.data.TEXT_DATASETS, batch_size=batch_size,
+                          epochs=epochs, steps_per_epoch=steps_per_epoch,
+                          learning_rate=learning_rate, distribution=distribution, seed=seed,
+                          export_dir=export_dir, num_synthetic=num_synthetic,
+                          cpu_replicas=cpu_replicas)
     with tfmp.training.usage_errors():
         info = tfmp.data.dataset_info(dataset, seq_len=seq_len)
+        for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads),
+                            ("num_layers", num_layers)):
+            if value < 1:
+                raise ValueError(f"`{name}` must be >= 1. Received: {name}={value}")
         if embed_dim % num_heads:
             raise ValueError(f"`num_heads` must divide `embed_dim` ({embed_dim}). "
                              f"Received: num_heads={num_heads}")
-    # Before any TensorFlow op: MultiWorkerMirroredStrategy must come first.
-    tfmp.distribute.create_strategy(distribution)
-    if dataset_override is not None:
-        train, evaluation = dataset_override
-    else:
-        common = dict(batch_size=batch_size, seq_len=seq_len, vocab_size=vocab_size,
-                      data_dir=data_dir, seed=seed, num_examples_synthetic=num_synthetic)
-        train = tfmp.data.text_dataset(dataset, info.train_split, training=True, **common)
-        evaluation = tfmp.data.text_dataset(dataset, info.eval_split, training=False, **common)
+        if dataset_override is not None:
+            train, evaluation = dataset_override
+        else:
+            common = dict(batch_size=batch_size, seq_len=seq_len, vocab_size=vocab_size,
+                          data_dir=data_dir, seed=seed, num_examples_synthetic=num_synthetic)
+            train = tfmp.data.text_dataset(dataset, info.train_split, training=True, **common)
+            evaluation = tfmp.data.text_dataset(dataset, info.eval_split, training=False,
+                                                **common)
     keras.utils.set_random_seed(seed)
     return tfmp.training.train_and_evaluate(
         lambda: tfmp.models.text_classifier(seq_len, vocab_size, info.num_classes,
@@ -70,7 +76,6 @@ def run(*, policy: str = "mixed_float16", loss_scale: str = "dynamic",
 def main(argv):
     del argv
     values = tfmp.training.flag_values(_FLAGS)
-    tfmp.distribute.configure_cpu_replicas(values.pop("cpu_replicas"))
     sys.exit(tfmp.training.run_main(
         run, values, seq_len=_SEQ_LEN.value, vocab_size=_VOCAB_SIZE.value,
         embed_dim=_EMBED_DIM.value, num_heads=_NUM_HEADS.value, num_layers=_NUM_LAYERS.value))

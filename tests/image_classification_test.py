@@ -62,6 +62,13 @@ class CommandLineTest(TestCase):
         ("batch_size", ["--batch_size=0"], "`batch_size` must be a positive integer"),
         ("loss_scale", ["--loss_scale=-1"], "`loss_scale` must be 'dynamic' or a positive"),
         ("model", ["--model=vgg"], "Unknown `model`: 'vgg'"),
+        ("learning_rate", ["--learning_rate=inf"], "`learning_rate` must be a positive finite"),
+        ("seed", ["--seed=-1"], "`seed` must be an integer >= 0"),
+        ("cpu_replicas", ["--cpu_replicas=0"], "`cpu_replicas` must be an integer >= 1"),
+        ("num_synthetic", ["--num_synthetic=0"], "`num_synthetic` must be a positive integer"),
+        ("multi_worker", ["--distribution=multi_worker"], "needs the TF_CONFIG environment"),
+        ("export_dir", ["--export_dir=/etc"], "`export_dir` is a non-empty directory that "
+         "holds no SavedModel"),
     )
     def test_bad_input_is_one_line(self, flags, message):
         proc = recipe_helpers.run_cli(MODULE, *flags)

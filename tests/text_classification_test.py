@@ -3,6 +3,7 @@
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from absl.testing import parameterized
 
 from recipes import text_classification
 from tests import recipe_helpers
@@ -37,8 +38,15 @@ class TextClassificationTest(TestCase):
         self.assertGreaterEqual(results["optimizer_steps"], 1)
         self.assertTrue(np.isfinite(results["eval_loss"]))
 
-    def test_bad_heads_is_one_line(self):
-        proc = recipe_helpers.run_cli("recipes.text_classification", "--num_heads=3")
+    @parameterized.named_parameters(
+        ("heads_not_dividing", ["--num_heads=3"],
+         "error: `num_heads` must divide `embed_dim` (64). Received: num_heads=3"),
+        ("zero_heads", ["--num_heads=0"], "error: `num_heads` must be >= 1. Received: num_heads=0"),
+        ("vocab_size", ["--vocab_size=1"], "error: `vocab_size` must be an integer >= 2"),
+    )
+    def test_bad_input_is_one_line(self, flags, message):
+        proc = recipe_helpers.run_cli("recipes.text_classification", *flags)
         self.assertEqual(proc.returncode, 2, proc.stderr)
-        self.assertEqual(recipe_helpers.error_lines(proc.stderr),
-                         ["error: `num_heads` must divide `embed_dim` (64). Received: num_heads=3"])
+        lines = recipe_helpers.error_lines(proc.stderr)
+        self.assertEqual(len(lines), 1, proc.stderr)
+        self.assertTrue(lines[0].startswith(message), lines[0])

@@ -91,7 +91,8 @@ def _positive(name: str, value, allow_none: bool = False) -> None:
 
 def check_args(*, policy: str, loss_scale: str, dataset: str, datasets: tuple, batch_size: int,
                epochs: int, steps_per_epoch: int | None, learning_rate: float,
-               distribution: str) -> None:
+               distribution: str, seed: int = 0, export_dir: str | None = None,
+               num_synthetic: int = 1) -> None:
     """Refuses bad recipe arguments before any model is built.
 
     Raises:
@@ -100,11 +101,12 @@ def check_args(*, policy: str, loss_scale: str, dataset: str, datasets: tuple, b
     with usage_errors():
         _check_args(policy=policy, loss_scale=loss_scale, dataset=dataset, datasets=datasets,
                     batch_size=batch_size, epochs=epochs, steps_per_epoch=steps_per_epoch,
-                    learning_rate=learning_rate, distribution=distribution)
+                    learning_rate=learning_rate, distribution=distribution, seed=seed,
+                    export_dir=export_dir, num_synthetic=num_synthetic)
 
 
 def _check_args(*, policy, loss_scale, dataset, datasets, batch_size, epochs, steps_per_epoch,
-                learning_rate, distribution) -> None:
+                learning_rate, distribution, seed, export_dir, num_synthetic) -> None:
     policies.validate_policy_name(policy)
     parse_loss_scale(loss_scale)
     if dataset not in datasets:
@@ -113,10 +115,36 @@ def _check_args(*, policy, loss_scale, dataset, datasets, batch_size, epochs, st
     _positive("batch_size", batch_size)
     _positive("epochs", epochs)
     _positive("steps_per_epoch", steps_per_epoch, allow_none=True)
-    if not (isinstance(learning_rate, (int, float)) and learning_rate > 0):
-        raise ValueError(
-            f"`learning_rate` must be a positive number. Received: learning_rate={learning_rate!r}")
+    _positive("num_synthetic", num_synthetic)
+    if not (isinstance(learning_rate, (int, float)) and 0 < learning_rate < math.inf):
+        raise ValueError(f"`learning_rate` must be a positive finite number. "
+                         f"Received: learning_rate={learning_rate!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"`seed` must be an integer >= 0. Received: seed={seed!r}")
     distribute.validate_distribution(distribution)
+    if export_dir:
+        from tfmp import export
+
+        export.check_export_dir(export_dir)  # refused now, not after the training
+
+
+def prepare(*, cpu_replicas: int = 1, **args) -> None:
+    """A recipe's first call: checks its shared arguments, then sets up devices and strategy.
+
+    Runs before any model or dataset is built (MultiWorkerMirroredStrategy and
+    logical CPU devices must come before TensorFlow's first op).
+
+    Args:
+        cpu_replicas: Logical CPU devices for `--distribution=mirrored` without GPUs.
+        **args: The arguments of `check_args`.
+
+    Raises:
+        UsageError: for a bad argument, or `multi_worker` without `TF_CONFIG`.
+    """
+    check_args(**args)
+    with usage_errors():
+        distribute.configure_cpu_replicas(cpu_replicas)
+        distribute.create_strategy(args["distribution"])
 
 
 def make_optimizer(learning_rate: float, policy: str, loss_scale: str = "dynamic"
