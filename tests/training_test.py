@@ -119,7 +119,7 @@ class BackupAndRestoreTest(TestCase):
         model.compile(optimizer=tfmp.LossScaleOptimizer(keras.optimizers.SGD(0.1)),
                       loss="sparse_categorical_crossentropy")
         cb = tfmp.callbacks.BackupAndRestore(backup_dir, delete_checkpoint=False, **kwargs)
-        history = model.fit(_data(), epochs=epochs, callbacks=[cb], verbose=0)
+        history = model.fit(_data(), epochs=epochs, callbacks=[cb], verbose=0, shuffle=False)
         return model, history
 
     def test_a_failed_save_keeps_the_last_complete_backup(self):
