@@ -50,7 +50,7 @@ def train(strategy, *, clipnorm=None, nan_replica=None, nan_step=None, policy="f
                                       initial_scale=2.0**8, enabled=enabled)
         model.compile(optimizer=opt, loss="mse")
     with tfmp.distribute.keras_fit_scope(model, strategy):
-        model.fit(data, epochs=1, steps_per_epoch=STEPS, verbose=0)
+        model.fit(data, epochs=1, steps_per_epoch=STEPS, verbose=0, shuffle=False)
     state = {name: float(keras.ops.convert_to_numpy(value)) for name, value in (
         ("loss_scale", opt.loss_scale), ("skipped_steps", opt.skipped_steps),
         ("iterations", opt.iterations))}

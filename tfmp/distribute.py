@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import tempfile
 from collections.abc import Iterator
 
 import tensorflow as tf
@@ -104,6 +105,25 @@ def is_chief(strategy: tf.distribute.Strategy | None = None) -> bool:
         return True
     has_chief = "chief" in json.loads(os.environ.get("TF_CONFIG", "{}")).get("cluster", {})
     return resolver.task_type == "worker" and resolver.task_id == 0 and not has_chief
+
+
+@contextlib.contextmanager
+def chief_path(path: str, chief: bool) -> Iterator[str]:
+    """Yields where this worker writes `path`: `path` itself on the chief, else a scratch path.
+
+    Every worker must take part in writing a model (reading variables that are
+    synchronised on read is a collective), but only the chief's copy is kept:
+    the others write into a temporary directory removed on exit.
+
+    Args:
+        path: The file or directory the chief writes.
+        chief: Whether this process is the chief (see `is_chief`).
+    """
+    if chief:
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="tfmp-scratch-") as scratch:
+        yield os.path.join(scratch, os.path.basename(os.path.normpath(path)))
 
 
 @contextlib.contextmanager

@@ -15,7 +15,6 @@ import logging
 import math
 import os
 import sys
-import tempfile
 from collections.abc import Callable, Iterator
 
 import keras
@@ -247,34 +246,30 @@ def train_and_evaluate(
         with distribute.keras_fit_scope(model, strategy):
             evaluated = model.evaluate(eval_data, verbose=0, return_dict=True)
         results.update(eval_loss=evaluated["loss"], eval_accuracy=evaluated["accuracy"])
-    results["model_file"] = _save_model(model, model_dir, chief) if model_dir else None
-    results["export_dir"] = None
+    results["model_file"] = results["export_dir"] = None
+    if model_dir:
+        with distribute.chief_path(os.path.join(model_dir, "model.keras"), chief) as path:
+            _save_model_atomically(model, path)
+        results["model_file"] = path if chief else None
     if export_dir:
         from tfmp import export
 
-        if chief:
-            results["export_dir"] = export.export_saved_model(model, export_dir)
-        else:  # every worker must join the variable reads; only the chief keeps the result
-            with tempfile.TemporaryDirectory(prefix="tfmp-export-") as scratch:
-                export.export_saved_model(model, os.path.join(scratch, "export"))
+        with distribute.chief_path(export_dir, chief) as path:
+            export.export_saved_model(model, path)
+        results["export_dir"] = os.path.abspath(export_dir) if chief else None
     return results
 
 
-def _save_model(model: keras.Model, model_dir: str, chief: bool) -> str | None:
-    """Saves `model_dir/model.keras` atomically (chief only; others join the reads)."""
-    if not chief:  # variables synchronised on read need every worker
-        with tempfile.TemporaryDirectory(prefix="tfmp-model-") as scratch:
-            model.save(os.path.join(scratch, "model.keras"))
-        return None
-    path = os.path.join(model_dir, "model.keras")
-    partial = os.path.join(model_dir, f".model.{os.getpid()}.keras")
+def _save_model_atomically(model: keras.Model, path: str) -> None:
+    """`model.save(path)` through a partial file renamed into place."""
+    directory, name = os.path.split(path)
+    partial = os.path.join(directory, f".{os.getpid()}.{name}")
     try:
         model.save(partial)
         os.replace(partial, path)
     finally:
         if os.path.exists(partial):
             os.remove(partial)
-    return path
 
 
 def _last(history, key):
