@@ -1,6 +1,5 @@
 """Tests for tfmp.training and the checkpoint/throughput callbacks it uses."""
 
-import json
 import os
 from unittest import mock
 
@@ -111,46 +110,3 @@ class TrainAndEvaluateTest(TestCase):
         self.assertEqual(first["optimizer_steps"], 8)
         # Only the third epoch ran, on top of the restored optimizer state.
         self.assertEqual((second["epochs_run"], second["optimizer_steps"]), (1, 12))
-
-
-class BackupAndRestoreTest(TestCase):
-    def _fit(self, backup_dir, epochs, **kwargs):
-        model = _model()
-        model.compile(optimizer=tfmp.LossScaleOptimizer(keras.optimizers.SGD(0.1)),
-                      loss="sparse_categorical_crossentropy")
-        cb = tfmp.callbacks.BackupAndRestore(backup_dir, delete_checkpoint=False, **kwargs)
-        history = model.fit(_data(), epochs=epochs, callbacks=[cb], verbose=0, shuffle=False)
-        return model, history
-
-    def test_a_failed_save_keeps_the_last_complete_backup(self):
-        backup_dir = self.tmp_dir()
-        model, _ = self._fit(backup_dir, epochs=1)
-        saved = [w.copy() for w in model.get_weights()]
-
-        def torn_write(self, filepath, overwrite=True):
-            with open(filepath, "wb") as f:
-                f.write(b"half")
-            raise OSError("disk full")
-
-        with mock.patch.object(keras.Model, "save_weights", torn_write):
-            with self.assertRaisesRegex(OSError, "disk full"):
-                self._fit(backup_dir, epochs=2)
-        keras.backend.clear_session()
-        restored, history = self._fit(backup_dir, epochs=1)  # already done: restores only
-        self.assertEqual(history.history, {})
-        for a, b in zip(saved, restored.get_weights(), strict=True):
-            np.testing.assert_array_equal(a, b)
-        with open(os.path.join(backup_dir, "latest", "training_metadata.json")) as f:
-            self.assertEqual(json.load(f)["epoch"], 1)
-        # The torn directory was cleaned up at the next start.
-        self.assertEqual(len([n for n in os.listdir(backup_dir) if n.startswith("backup-")]), 1)
-
-    def test_non_writer_never_writes(self):
-        backup_dir = os.path.join(self.tmp_dir(), "b")
-        self._fit(backup_dir, epochs=1, write=False)
-        self.assertFalse(os.path.exists(backup_dir))
-
-    def test_throughput_bad_batch_size(self):
-        with self.assertRaisesRegex(ValueError, "`batch_size` must be an integer >= 1. "
-                                    "Received: batch_size=0"):
-            tfmp.callbacks.Throughput(0)
