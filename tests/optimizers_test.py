@@ -257,6 +257,11 @@ class CustomLoopTest(TestCase):
         for a, b in zip(model.get_weights(), plain_model.get_weights(), strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
+    def test_stock_has_no_tf_keras_api(self):
+        stock = STOCK(keras.optimizers.SGD(0.05))
+        self.assertFalse(hasattr(stock, "get_scaled_loss"))
+        self.assertFalse(hasattr(stock, "get_unscaled_gradients"))
+
     def test_unscaled_in_one_function_applied_in_another(self):
         v = _var([1.0, 1.0])
         opt = tfmp.LossScaleOptimizer(keras.optimizers.SGD(1.0), initial_scale=1024.0)
