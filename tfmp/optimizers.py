@@ -331,11 +331,6 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
         mask = ops.isfinite(ops.stack(sums)) if sums else ops.ones((0,), "bool")
         return mask, ops.all(mask)
 
-    def check_finite(self, grads):
-        """Whether every gradient in `grads` is finite."""
-        flags = [ops.all(ops.isfinite(g)) for g in grads if g is not None]
-        return ops.all(ops.stack(flags)) if flags else ops.convert_to_tensor(True)
-
     # ----------------------------------------------------------------- apply
     def _prepare(self, grads, trainable_variables, scale, unscaled_flag):
         """Unscales `grads` unless `get_unscaled_gradients` already did.

@@ -98,33 +98,25 @@ def check_args(*, policy: str, loss_scale: str, dataset: str, datasets: tuple, b
         UsageError: naming the argument, the value received and what is allowed.
     """
     with usage_errors():
-        _check_args(policy=policy, loss_scale=loss_scale, dataset=dataset, datasets=datasets,
-                    batch_size=batch_size, epochs=epochs, steps_per_epoch=steps_per_epoch,
-                    learning_rate=learning_rate, distribution=distribution, seed=seed,
-                    export_dir=export_dir, num_synthetic=num_synthetic)
+        policies.validate_policy_name(policy)
+        parse_loss_scale(loss_scale)
+        if dataset not in datasets:
+            raise ValueError(
+                f"Unknown `dataset`: {dataset!r}. Expected one of: {', '.join(datasets)}.")
+        _positive("batch_size", batch_size)
+        _positive("epochs", epochs)
+        _positive("steps_per_epoch", steps_per_epoch, allow_none=True)
+        _positive("num_synthetic", num_synthetic)
+        if not (isinstance(learning_rate, (int, float)) and 0 < learning_rate < math.inf):
+            raise ValueError(f"`learning_rate` must be a positive finite number. "
+                             f"Received: learning_rate={learning_rate!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"`seed` must be an integer >= 0. Received: seed={seed!r}")
+        distribute.validate_distribution(distribution)
+        if export_dir:
+            from tfmp import export
 
-
-def _check_args(*, policy, loss_scale, dataset, datasets, batch_size, epochs, steps_per_epoch,
-                learning_rate, distribution, seed, export_dir, num_synthetic) -> None:
-    policies.validate_policy_name(policy)
-    parse_loss_scale(loss_scale)
-    if dataset not in datasets:
-        raise ValueError(
-            f"Unknown `dataset`: {dataset!r}. Expected one of: {', '.join(datasets)}.")
-    _positive("batch_size", batch_size)
-    _positive("epochs", epochs)
-    _positive("steps_per_epoch", steps_per_epoch, allow_none=True)
-    _positive("num_synthetic", num_synthetic)
-    if not (isinstance(learning_rate, (int, float)) and 0 < learning_rate < math.inf):
-        raise ValueError(f"`learning_rate` must be a positive finite number. "
-                         f"Received: learning_rate={learning_rate!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"`seed` must be an integer >= 0. Received: seed={seed!r}")
-    distribute.validate_distribution(distribution)
-    if export_dir:
-        from tfmp import export
-
-        export.check_export_dir(export_dir)  # refused now, not after the training
+            export.check_export_dir(export_dir)  # refused now, not after the training
 
 
 def prepare(*, cpu_replicas: int = 1, **args) -> None:
