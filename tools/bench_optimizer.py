@@ -101,11 +101,11 @@ def benchmark(*, layers: int = 40, units: int = 64, batch_size: int = 64, steps:
 
 def main(argv):
     del argv
-    try:
+    from tfmp import cli
+
+    with cli.one_line_errors():
         results = benchmark(layers=_LAYERS.value, units=_UNITS.value, batch_size=_BATCH.value,
                             steps=_STEPS.value, repeats=_REPEATS.value)
-    except ValueError as e:
-        raise app.UsageError(str(e)) from None
     print(f"{_LAYERS.value}x Dense({_UNITS.value}), batch {_BATCH.value}, mixed_float16, "
           f"median of {_REPEATS.value} interleaved repeats of {_STEPS.value} steps (CPU time)")
     print(f"{'':20s}{'plain ms/step':>15s}{'keras / plain':>15s}{'tfmp / plain':>15s}"
