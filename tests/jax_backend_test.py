@@ -58,6 +58,30 @@ assert float(ops.convert_to_numpy(opt.loss_scale)) == 2.0
 assert int(ops.convert_to_numpy(opt.skipped_steps)) == 6
 assert np.isfinite(ops.convert_to_numpy(v)).all()
 print("stateless ok")
+
+# 16-bit gradients are unscaled in float32 (2**16 is inf in float16).
+keras.config.set_dtype_policy("float16")
+v16 = keras.Variable(np.ones(2, "float32"), dtype="float16")
+opt = tfmp.LossScaleOptimizer(keras.optimizers.SGD(1.0), initial_scale=2.0**16)
+opt.apply([ops.array([655.36, 655.36], "float16")], [v16])
+assert abs(float(ops.convert_to_numpy(v16)[0]) - 0.99) < 2e-3, ops.convert_to_numpy(v16)
+keras.config.set_dtype_policy("float32")
+
+# Stateless: finite gradients whose squares overflow are skipped, Adam's slots stay finite;
+# without scaling (enabled=False) a NaN gradient is still skipped.
+for enabled, grad in ((True, [1e20, 1e20]), (False, [np.nan, 1.0])):
+    v = keras.Variable(np.ones(2, "float32"))
+    opt = tfmp.LossScaleOptimizer(keras.optimizers.Adam(0.1), initial_scale=1.0,
+                                  enabled=enabled)
+    opt.build([v])
+    state = [w.value for w in opt.variables]
+    (new_v,), state = opt.stateless_apply(state, [ops.array(grad, "float32")], [v.value])
+    for ref, value in zip(opt.variables, state):
+        ref.assign(value)
+    assert np.array_equal(ops.convert_to_numpy(new_v), [1.0, 1.0]), new_v
+    assert all(np.isfinite(ops.convert_to_numpy(w)).all() for w in opt.variables)
+    assert opt.stats()["skipped_steps"] == 1, opt.stats()
+print("safety ok")
 '''
 
 
@@ -73,6 +97,7 @@ class JaxBackendTest(TestCase):
         self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
         self.assertIn("fit ok 2 64.0", proc.stdout)
         self.assertIn("stateless ok", proc.stdout)
+        self.assertIn("safety ok", proc.stdout)
 
     def test_keras_suite_on_jax(self):
         proc = self._run(["-m", "pytest", "-q", "-p", "no:cacheprovider",

@@ -32,7 +32,7 @@ class KerasSuiteOnTfmpTest(keras_suite.LossScaleOptimizerTest):
             set(config),
             {"name", "inner_optimizer", "initial_scale", "dynamic_growth_steps", "dynamic",
              "growth_factor", "backoff_factor", "min_scale", "max_scale", "hysteresis",
-             "enabled"},
+             "enabled", "skip_nonfinite"},
         )
         self.assertEqual(tfmp.LossScaleOptimizer.from_config(config).get_config(), config)
 

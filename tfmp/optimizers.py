@@ -1,35 +1,25 @@
-"""`LossScaleOptimizer`: Keras' loss scaling, bounded, and safe for the weights.
+"""`LossScaleOptimizer`: Keras' loss scaling, bounded, and safe for every model variable.
 
 The core update is written with `keras.ops` and works on every Keras backend;
-the `tf.distribute` path is in `_tf_apply` and says so.
+the `tf.distribute` path is in `_tf_apply` and says so. The state and its pure
+transition are in `tfmp.loss_scale`, the gradient check in `tfmp._numerics`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import numbers
+import weakref
+
 import keras
+import numpy as np
 from keras import ops
 
-# State kept by the optimizer, in the order of its variables (after Keras'
-# own `iteration` and `learning_rate`). Each field:
-#   step_counter          finite steps since the scale last changed upwards or
-#                         since the last non-finite step; the scale grows when
-#                         it reaches `dynamic_growth_steps`.
-#   dynamic_scale         the current loss scale, always in [min_scale, max_scale].
-#   hysteresis_left       non-finite steps still tolerated before the scale is
-#                         lowered; reset to `hysteresis` on every growth.
-#   skipped_steps         total steps skipped for non-finite gradients.
-#   consecutive_skipped   steps skipped in a row (0 after any applied step).
-_STATE = (
-    ("step_counter", "int"),
-    ("dynamic_scale", "float32"),
-    ("hysteresis_left", "int"),
-    ("skipped_steps", "int"),
-    ("consecutive_skipped", "int"),
-)
+from tfmp import _numerics
+from tfmp.loss_scale import STATE_DTYPES, LossScaleState, ScaleRule, next_state
 
-
-_FLOAT32_TINY = 2.0**-126  # smallest normal float32
-_FLOAT32_MAX = 3.4028234663852886e38
+_STATE_NAMES = ("step_counter", "dynamic_scale", "hysteresis_left", "skipped_steps",
+                "consecutive_skipped")  # variable names, as saved since tfmp 0.1
 
 
 def _check(condition: bool, argument: str, value, allowed: str) -> None:
@@ -37,22 +27,54 @@ def _check(condition: bool, argument: str, value, allowed: str) -> None:
         raise ValueError(f"`{argument}` must be {allowed}. Received: {argument}={value!r}")
 
 
+def _is_bool(value) -> bool:
+    return isinstance(value, (bool, np.bool_))
+
+
+def _number(argument: str, value) -> float:
+    _check(isinstance(value, numbers.Real) and not _is_bool(value), argument, value, "a number")
+    return float(value)
+
+
+def _integer(argument: str, value, minimum: int = 1) -> int:
+    _check(isinstance(value, numbers.Integral) and not _is_bool(value) and value >= minimum,
+           argument, value, f"an integer >= {minimum}")
+    return int(value)
+
+
+def _boolean(argument: str, value) -> bool:
+    _check(_is_bool(value), argument, value, "True or False")
+    return bool(value)
+
+
+def _in_stateless_scope() -> bool:
+    from keras.src.backend.common import stateless_scope
+
+    return stateless_scope.in_stateless_scope()
+
+
 @keras.saving.register_keras_serializable(package="tfmp")
 class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
-    """Dynamic (or fixed) loss scaling that never writes a non-finite value into a weight.
+    """Loss scaling (dynamic or fixed) that never writes a non-finite value into the model.
 
     A drop-in subclass of `keras.optimizers.LossScaleOptimizer`. Over Keras' class it
     bounds the scale to `[min_scale, max_scale]` (Keras' doubles to `inf` and halves
     to 0), decides skip-or-apply from the gradients of *all* replicas under
-    `tf.distribute` (Keras' checks replica 0 only), supports a fixed scale
-    (`dynamic=False`), DeepSpeed-style hysteresis, the tf-keras custom-loop API
+    `tf.distribute` (Keras' checks replica 0 only), checks that the update itself
+    stays finite (not only the gradients), skips non-finite steps under every
+    policy (also without scaling), can restore the model's non-trainable state
+    on a skipped step (`guard_state`), supports a fixed scale (`dynamic=False`),
+    DeepSpeed-style hysteresis and the tf-keras custom-loop API
     (`get_scaled_loss`, `get_unscaled_gradients`), and exposes counters.
 
     The algorithm, for each call of `apply(grads)`:
 
-        g = grads / scale                     # unless already unscaled by the user
+        g = grads / scale  (in float32)       # unless enabled=False, or already unscaled
         if tf.distribute: g = all_reduce_sum(g)   # before the check and the clipping
-        finite = all(isfinite(sum(g_i)) for each variable i)   # one reduction each
+        n_i = sum(g_i ** 2) in float32        # per variable; sparse: on the values
+        finite = isfinite(sum_i n_i)          # every element, square and the global norm
+        #  (float16 gradients: also every element's square finite in float16)
+        if not (skip_nonfinite or enabled): finite = True
         if finite:
             inner_optimizer.apply(g)          # clipping, weight decay, EMA, accumulation
             consecutive_skipped = 0
@@ -62,6 +84,7 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
                 step_counter = 0
                 hysteresis_left = hysteresis
         else:                                 # weights and inner state untouched
+            guarded_state = its values before the step   # see `guard_state`
             skipped_steps += 1; consecutive_skipped += 1
             step_counter = 0
             if dynamic:
@@ -70,16 +93,25 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
                 else:
                     hysteresis_left -= 1
 
+    Why squares: a finite gradient such as `[1e20, 1e20]` has a finite sum but an
+    infinite squared norm, and `global_clipnorm`, `clipnorm` and Adam's second
+    moment compute exactly that. When the squared global norm is finite, every
+    square and every clipping norm is, so Keras' optimizers (SGD with momentum,
+    Adam, AdamW, ...; with clipping, weight decay, EMA and gradient accumulation)
+    keep finite weights and slots for finite learning rates and weights.
+
     `iterations` counts applied steps only, so learning-rate schedules do not
-    advance on skipped steps. With `enabled=False` gradients go straight to the
-    inner optimizer and the loss is not scaled, so one script serves every policy.
+    advance on skipped steps.
 
     Args:
         inner_optimizer: The `keras.optimizers.Optimizer` to wrap (not itself a
-            `LossScaleOptimizer`). Under `tf.distribute` the wrapper all-reduces
-            the gradients, so the inner optimizer must only be used through it.
+            `LossScaleOptimizer`, nor already wrapped by another one). Under
+            `tf.distribute` the wrapper all-reduces the gradients, so the inner
+            optimizer must only be used through it.
         initial_scale: The starting loss scale, in `[min_scale, max_scale]`.
-        dynamic_growth_steps: Finite steps in a row after which the scale grows.
+        dynamic_growth_steps: Finite steps in a row after which the scale grows;
+            None for the default (2000). Must be None (or 2000) with `dynamic=False`,
+            and reads as None then, as in tf-keras.
         dynamic: If False, the scale stays at `initial_scale` for good;
             non-finite steps are still skipped.
         growth_factor: Factor (> 1) applied on growth.
@@ -88,15 +120,21 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
         max_scale: Largest scale (finite, >= min_scale).
         hysteresis: Non-finite steps (>= 1) since the last growth before the
             scale is lowered; each is still skipped.
-        enabled: If False, no scaling and no skipping.
+        enabled: Whether to scale the loss (float16 needs it; bfloat16 and
+            float32 do not). With `enabled=False` the scale is 1.
+        skip_nonfinite: Whether to skip steps whose update would be non-finite.
+            Independent of `enabled`: keep it True under every policy (as optax'
+            `apply_if_finite` does for bfloat16). False with `enabled=False`
+            passes the gradients straight to the inner optimizer.
         name: Optional name.
 
     Example:
 
         opt = tfmp.LossScaleOptimizer(keras.optimizers.Adam(1e-3))
         model.compile(optimizer=opt, loss="mse")
+        opt.guard_state(model)         # batch-norm statistics survive a NaN batch
         model.fit(x, y)
-        print(float(opt.loss_scale), int(opt.skipped_steps))
+        print(opt.stats())             # {'loss_scale': 32768.0, 'skipped_steps': 0, ...}
 
     In a custom loop (tf-keras style):
 
@@ -111,7 +149,7 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
         self,
         inner_optimizer,
         initial_scale: float = 2.0**15,
-        dynamic_growth_steps: int = 2000,
+        dynamic_growth_steps: int | None = None,
         *,
         dynamic: bool = True,
         growth_factor: float = 2.0,
@@ -120,83 +158,95 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
         max_scale: float = 2.0**24,
         hysteresis: int = 1,
         enabled: bool = True,
+        skip_nonfinite: bool = True,
         name: str | None = None,
         **kwargs,
     ):
-        if isinstance(inner_optimizer, keras.optimizers.LossScaleOptimizer):
-            raise ValueError(
-                "`inner_optimizer` is already a LossScaleOptimizer and cannot be wrapped "
-                f"again. Received: inner_optimizer={inner_optimizer!r}; pass the optimizer "
-                "it wraps instead."
-            )
-        _check(
-            isinstance(inner_optimizer, keras.optimizers.Optimizer),
-            "inner_optimizer", inner_optimizer, "a `keras.optimizers.Optimizer` instance",
-        )
-        for argument, value in (("initial_scale", initial_scale), ("growth_factor", growth_factor),
-                                 ("backoff_factor", backoff_factor), ("min_scale", min_scale),
-                                 ("max_scale", max_scale)):
-            _check(isinstance(value, (int, float)) and not isinstance(value, bool), argument,
-                   value, "a number")
-        for argument, value in (("initial_scale", initial_scale), ("min_scale", min_scale),
-                                ("max_scale", max_scale)):
+        _check_inner(inner_optimizer)
+        numbers_ = {arg: _number(arg, value) for arg, value in (
+            ("initial_scale", initial_scale), ("growth_factor", growth_factor),
+            ("backoff_factor", backoff_factor), ("min_scale", min_scale),
+            ("max_scale", max_scale))}
+        for argument in ("initial_scale", "min_scale", "max_scale"):
             # The scale lives in a float32 variable: 1e-46 would be stored as 0.
-            _check(_FLOAT32_TINY <= value <= _FLOAT32_MAX, argument, value,
-                   f"in float32's normal range [{_FLOAT32_TINY:.4g}, {_FLOAT32_MAX:.4g}]")
-        _check(growth_factor > 1, "growth_factor", growth_factor, "> 1")
-        _check(0 < backoff_factor < 1, "backoff_factor", backoff_factor, "in (0, 1)")
+            value = numbers_[argument]
+            _check(_numerics.FLOAT32_TINY <= value <= _numerics.FLOAT32_MAX, argument, value,
+                   f"in float32's normal range [{_numerics.FLOAT32_TINY:.4g}, "
+                   f"{_numerics.FLOAT32_MAX:.4g}]")
+        initial_scale, min_scale, max_scale = (
+            numbers_["initial_scale"], numbers_["min_scale"], numbers_["max_scale"])
+        _check(numbers_["growth_factor"] > 1, "growth_factor", growth_factor, "> 1")
+        _check(0 < numbers_["backoff_factor"] < 1, "backoff_factor", backoff_factor, "in (0, 1)")
         _check(min_scale <= max_scale, "min_scale", min_scale, f"<= max_scale ({max_scale})")
-        _check(
-            min_scale <= initial_scale <= max_scale, "initial_scale", initial_scale,
-            f"in [min_scale, max_scale] = [{min_scale}, {max_scale}]",
-        )
-        _check(
-            isinstance(dynamic_growth_steps, int) and dynamic_growth_steps >= 1,
-            "dynamic_growth_steps", dynamic_growth_steps, "an integer >= 1",
-        )
-        _check(
-            isinstance(hysteresis, int) and hysteresis >= 1,
-            "hysteresis", hysteresis, "an integer >= 1",
-        )
-        super().__init__(
-            inner_optimizer, initial_scale, dynamic_growth_steps, name=name, **kwargs
-        )
-        self.dynamic = bool(dynamic)
-        self.growth_factor = float(growth_factor)
-        self.backoff_factor = float(backoff_factor)
-        self.min_scale = float(min_scale)
-        self.max_scale = float(max_scale)
-        self.hysteresis = int(hysteresis)
-        self.enabled = bool(enabled)
-        # 1 after `get_unscaled_gradients`: the next apply does not divide again.
-        # Made here, not in build(), so that a tf-keras loop's first call (before
-        # the first apply builds the optimizer) already sets it at run time.
-        with keras.name_scope(self.name, caller=self):
-            self.grads_unscaled = keras.Variable(  # an initializer: a buffer of its own
-                keras.initializers.Zeros(), shape=(), name="grads_unscaled", dtype="int32",
-                trainable=False, aggregation="only_first_replica")  # tracked on assignment
+        _check(min_scale <= initial_scale <= max_scale, "initial_scale", initial_scale,
+               f"in [min_scale, max_scale] = [{min_scale}, {max_scale}]")
+        dynamic = _boolean("dynamic", dynamic)
+        if dynamic_growth_steps is None:
+            growth_steps = 2000
+        else:
+            growth_steps = _integer("dynamic_growth_steps", dynamic_growth_steps)
+            _check(dynamic or growth_steps == 2000, "dynamic_growth_steps",
+                   dynamic_growth_steps, "None with dynamic=False (a fixed scale never grows)")
+        hysteresis = _integer("hysteresis", hysteresis)
+        enabled = _boolean("enabled", enabled)
+        skip_nonfinite = _boolean("skip_nonfinite", skip_nonfinite)
+        super().__init__(inner_optimizer, initial_scale, growth_steps, name=name, **kwargs)
+        inner_optimizer._tfmp_wrapper = weakref.ref(self)
+        self.initial_scale = initial_scale
+        self.dynamic_growth_steps = growth_steps if dynamic else None
+        self.dynamic = dynamic
+        self.growth_factor = numbers_["growth_factor"]
+        self.backoff_factor = numbers_["backoff_factor"]
+        self.min_scale = min_scale
+        self.max_scale = max_scale
+        self.hysteresis = hysteresis
+        self.enabled = enabled
+        self.skip_nonfinite = skip_nonfinite
+        self._make_variables()
         if keras.backend.backend() == "tensorflow":
             # The wrapper all-reduces before checking and unscaling, so the inner
             # optimizer must not sum the (already summed) gradients again.
             inner_optimizer._all_reduce_sum_gradients = list
 
     # ----------------------------------------------------------------- state
+    def _make_variables(self):
+        """Creates the state at construction, so a `tf.function` traced before the
+        first apply reads the variables (not the initial numbers)."""
+        with keras.name_scope(self.name, caller=self):
+            # 1 after `get_unscaled_gradients`: the next apply does not divide again
+            # if its gradients are the ones returned (see `_prepare`).
+            self.grads_unscaled = keras.Variable(  # an initializer: a buffer of its own
+                keras.initializers.Zeros(), shape=(), name="grads_unscaled", dtype="int32",
+                trainable=False, aggregation="only_first_replica")  # tracked on assignment
+        initial = {"dynamic_scale": self.initial_scale, "hysteresis_left": self.hysteresis}
+        self._state_vars = LossScaleState(*[
+            self.add_variable(
+                shape=(), dtype=dtype, name=name, aggregation="only_first_replica",
+                initializer=keras.initializers.Constant(initial.get(name, 0)))
+            for name, dtype in zip(_STATE_NAMES, STATE_DTYPES, strict=True)
+        ])
+        # Keras' class names these two; they stay readable under the same names.
+        self.step_counter = self._state_vars.step_counter
+        self.dynamic_scale = self._state_vars.loss_scale
+        # Not saved (transient, or counts of this process only): kept out of the
+        # optimizer's variable list so that saved files keep their layout.
+        with keras.name_scope(self.name, caller=self):
+            untracked = {
+                # sum(g**2) of the first gradient `get_unscaled_gradients` returned.
+                "_unscaled_fingerprint": ("float32", "only_first_replica", "auto"),
+                # 1 when the loss last given to `scale_loss` on this replica was non-finite.
+                "_loss_nonfinite": ("int32", "only_first_replica", "on_read"),
+                # Skipped steps whose loss was non-finite (data or forward pass).
+                "_nonfinite_loss_steps": ("int32", "only_first_replica", "auto"),
+            }
+            for attr, (dtype, aggregation, sync) in untracked.items():
+                object.__setattr__(self, attr, keras.Variable(
+                    keras.initializers.Zeros(), shape=(), dtype=dtype, trainable=False,
+                    name=attr.strip("_"), aggregation=aggregation, synchronization=sync))
+        object.__setattr__(self, "_guarded", [])
+
     @keras.src.utils.tracking.no_automatic_dependency_tracking
     def build(self, var_list):
-        initial = {
-            "dynamic_scale": self.initial_scale,
-            "hysteresis_left": self.hysteresis,
-        }
-        self._state_vars = [
-            self.add_variable(
-                shape=(), dtype=dtype, name=name,
-                initializer=keras.initializers.Constant(initial.get(name, 0)),
-                aggregation="only_first_replica",
-            )
-            for name, dtype in _STATE
-        ]
-        # Keras' class names these two; they stay readable under the same names.
-        self.step_counter, self.dynamic_scale = self._state_vars[:2]
         # 1 where the variable's gradient was non-finite on the last step.
         self.nonfinite_mask = self.add_variable(
             shape=(len(var_list),), dtype="int32", name="nonfinite_mask",
@@ -206,26 +256,56 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
         keras.optimizers.Optimizer.build(self, var_list)
 
     @property
+    def state(self) -> LossScaleState:
+        """The loss-scale state, as variables (see `tfmp.loss_scale.LossScaleState`)."""
+        return self._state_vars
+
+    @property
     def loss_scale(self):
-        """The current loss scale (a scalar variable once built)."""
-        if not self.enabled:
-            return 1.0
-        return self.dynamic_scale if self.built else self.initial_scale
+        """The current loss scale: a float32 scalar variable (1.0 when `enabled=False`)."""
+        return self.dynamic_scale if self.enabled else 1.0
 
     @property
     def skipped_steps(self):
-        """Total number of steps skipped for non-finite gradients."""
-        return self._state_vars[3] if self.built else 0
+        """Total number of steps skipped for non-finite updates."""
+        return self._state_vars.skipped_steps
 
     @property
     def consecutive_skipped_steps(self):
         """Steps skipped in a row up to now (0 after an applied step)."""
-        return self._state_vars[4] if self.built else 0
+        return self._state_vars.consecutive_skipped
 
     @property
     def last_step_skipped(self):
-        """Whether the last step was skipped (a boolean tensor once built)."""
-        return ops.greater(self._state_vars[4], 0) if self.built else False
+        """Whether the last step was skipped (a boolean tensor)."""
+        return ops.greater(self._state_vars.consecutive_skipped, 0)
+
+    @property
+    def nonfinite_loss_steps(self):
+        """Skipped steps whose loss (as given to `scale_loss`) was itself non-finite.
+
+        Such a step was not a loss-scale overflow: the data or the forward pass
+        held inf/NaN. Counted in this process (not saved).
+        """
+        return self._nonfinite_loss_steps
+
+    def stats(self) -> dict:
+        """The counters as Python numbers, for logs and callbacks.
+
+        Returns:
+            `loss_scale` (float), `skipped_steps`, `consecutive_skipped_steps`,
+            `nonfinite_loss_steps` and `iterations` (applied steps) as ints.
+        """
+        def value(x):
+            return np.asarray(ops.convert_to_numpy(x)).item()
+
+        return {
+            "loss_scale": float(value(self.loss_scale)),
+            "skipped_steps": int(value(self.skipped_steps)),
+            "consecutive_skipped_steps": int(value(self.consecutive_skipped_steps)),
+            "nonfinite_loss_steps": int(value(self.nonfinite_loss_steps)),
+            "iterations": int(value(self.iterations)),
+        }
 
     def nonfinite_variables(self) -> list[str]:
         """Paths of the variables whose gradients were non-finite on the last step."""
@@ -234,35 +314,91 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
         mask = ops.convert_to_numpy(self.nonfinite_mask)
         return [v.path for v, bad in zip(self._trainable_variables, mask, strict=True) if bad]
 
+    @property
+    def _rule(self) -> ScaleRule:
+        return ScaleRule(
+            dynamic=self.dynamic and self.enabled,
+            growth_steps=self.dynamic_growth_steps or 2000, growth_factor=self.growth_factor,
+            backoff_factor=self.backoff_factor, min_scale=self.min_scale,
+            max_scale=self.max_scale, hysteresis=self.hysteresis)
+
     def _next_state(self, finite, state):
-        """Pure state transition for one step; `state` follows `_STATE`."""
-        counter, scale, hyst_left, skipped, consecutive = state
-        not_finite = ops.logical_not(finite)
-        one = ops.ones_like(counter)
-        skipped = ops.where(finite, skipped, skipped + one)
-        consecutive = ops.where(finite, ops.zeros_like(consecutive), consecutive + one)
-        if not self.dynamic:
-            return [ops.zeros_like(counter), scale, hyst_left, skipped, consecutive]
-        grow = ops.logical_and(finite, ops.greater_equal(counter + one, self.dynamic_growth_steps))
-        lower = ops.logical_and(not_finite, ops.less_equal(hyst_left, 1))
-        new_scale = ops.where(
-            grow,
-            ops.minimum(scale * self.growth_factor, self.max_scale),
-            ops.where(lower, ops.maximum(scale * self.backoff_factor, self.min_scale), scale),
-        )
-        reset = ops.logical_or(grow, not_finite)
-        counter = ops.where(reset, ops.zeros_like(counter), counter + one)
-        hyst_left = ops.where(
-            grow,
-            ops.full_like(hyst_left, self.hysteresis),
-            ops.where(ops.logical_and(not_finite, ops.greater(hyst_left, 1)), hyst_left - one,
-                      hyst_left),
-        )
-        return [counter, ops.cast(new_scale, "float32"), hyst_left, skipped, consecutive]
+        """Pure state transition for one step (see `tfmp.loss_scale.next_state`)."""
+        return next_state(finite, LossScaleState(*state), self._rule)
+
+    # ------------------------------------------------------ guarded state
+    def guard_state(self, variables) -> None:
+        """Restores `variables` to their values before the step on every skipped step.
+
+        A forward pass updates non-trainable state before the optimizer sees the
+        gradients: one NaN pixel writes NaN into every batch-normalisation
+        `moving_mean`/`moving_variance`. Guarded variables get a shadow copy
+        (memory: one copy of them; time: one `where` and two assigns each per
+        step); on a skipped step they are set back to it. Call it eagerly, after
+        building (and after restoring any checkpoint), before the train step is
+        traced. `tfmp.callbacks.LossScaleMonitor` does it for `fit`. Works with
+        `apply`/`apply_gradients` on every backend; JAX's stateless `fit` path
+        returns the model's non-trainable state outside the optimizer and is
+        not guarded.
+
+        Args:
+            variables: A model or layer (its `non_trainable_variables`) or a list
+                of variables. Variables already guarded are kept once.
+
+        Example:
+
+            opt.guard_state(model)
+        """
+        if isinstance(variables, keras.layers.Layer):
+            variables = variables.non_trainable_variables
+        known = {id(v) for v, _ in self._guarded}
+        for v in variables:
+            if id(v) in known or not isinstance(v, keras.Variable):
+                continue
+            known.add(id(v))
+            self._guarded.append((v, self._shadow(v)))
+        self.sync_guarded_state()
+
+    @staticmethod
+    def _shadow(v):
+        strategy = _strategy_of(v)
+        with strategy.scope() if strategy is not None else contextlib.nullcontext():
+            return keras.Variable(
+                keras.initializers.Zeros(), shape=v.shape, dtype=v.dtype, trainable=False,
+                autocast=False, aggregation=v.aggregation,
+                synchronization=getattr(v, "synchronization", "auto"),
+                name=f"{v.name}_before_step")
+
+    def sync_guarded_state(self) -> None:
+        """Copies the guarded variables' current values into their shadows (eagerly;
+        under `tf.distribute` each replica copies its own). Call it after loading
+        weights into a guarded model outside `fit`."""
+        def copy():
+            for v, shadow in self._guarded:
+                shadow.assign(v.value)
+
+        strategy = _strategy_of(self._guarded[0][0]) if self._guarded else None
+        if strategy is None:
+            copy()
+        else:
+            strategy.run(copy)
+
+    def _restore_guarded(self, finite):
+        for v, shadow in self._guarded:
+            value = ops.where(finite, v.value, shadow.value)
+            v.assign(value)
+            shadow.assign(value)
 
     # ------------------------------------------------------- loss and grads
     def scale_loss(self, loss):
-        """Returns `loss * loss_scale` (float32), or `loss` when disabled."""
+        """Returns `loss * loss_scale` (float32), or `loss` when disabled.
+
+        Also notes whether the loss is finite, so a skipped step can be told
+        apart from a loss-scale overflow (`nonfinite_loss_steps`).
+        """
+        if not _in_stateless_scope():
+            self._loss_nonfinite.assign(
+                ops.cast(ops.logical_not(ops.all(ops.isfinite(loss))), "int32"))
         if not self.enabled:
             return loss
         return ops.multiply(ops.cast(loss, "float32"), self.loss_scale)
@@ -276,8 +412,11 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
 
         The next `apply`/`apply_gradients` then takes its gradients as already
         unscaled and does not divide them again (also when this runs in one
-        `tf.function` and the apply in another): call it only on gradients you
-        are about to apply.
+        `tf.function` and the apply in another), provided they are the
+        gradients returned here: it compares their first gradient's squared
+        norm with the one returned. Scaled gradients differ from it by the
+        scale squared, so gradients unscaled here but never applied do not make
+        the next step skip its unscaling.
 
         Args:
             grads: A list of gradients (`None` entries are kept).
@@ -285,73 +424,75 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
         Returns:
             The list of unscaled gradients.
         """
+        grads = list(grads)
         if not self.enabled:
-            return list(grads)
+            return grads
+        out = [None if g is None else _numerics.divide_in_float32(g, self.dynamic_scale.value)
+               for g in grads]
+        self._unscaled_fingerprint.assign(_first_norm(out))
         self.grads_unscaled.assign(1)
-        return self._divide(grads, [False] * len(grads), self.loss_scale)
-
-    @staticmethod
-    def _divide(grads, keep, scale):
-        """`g / scale` for each gradient not `None` nor kept; the scale is read once."""
-        scale = ops.convert_to_tensor(scale)
-        casts = {}
-        out = []
-        for g, k in zip(grads, keep, strict=True):
-            if g is None or k:
-                out.append(g)
-                continue
-            dtype = keras.backend.standardize_dtype(g.dtype)
-            if dtype not in casts:
-                casts[dtype] = scale if dtype == "float32" else ops.cast(scale, dtype)
-            out.append(ops.divide(g, casts[dtype]))
         return out
 
-    def _unscale(self, grads, trainable_variables, scale):
-        keep = [self._overwrite_variable_with_gradient(v) for v in trainable_variables]
-        return self._divide(grads, keep, scale)
-
-    def _finite_mask(self, grads, trainable_variables):
-        """Per-variable finiteness, ordered as the variables the optimizer was built on.
-
-        One reduction a gradient: `sum(g)` is inf or NaN as soon as one element
-        is, so `isfinite(sum(g))` finds every non-finite gradient with one kernel
-        (`all(isfinite(g))` takes two). Sums are taken in float32 (16-bit
-        gradients are cast first). A gradient whose finite elements sum past
-        float32's range (3.4e38) also counts as non-finite: such a step is skipped.
-        """
-        sums = [None] * len(self._trainable_variables)
-        for g, v in zip(grads, trainable_variables, strict=True):
-            if g is not None:
-                if keras.backend.standardize_dtype(g.dtype) != "float32":
-                    g = ops.cast(g, "float32")
-                sums[self._get_variable_index(v)] = ops.sum(g)
-        if any(s is None for s in sums):  # variables without a gradient count as finite
-            zero = ops.zeros((), "float32")
-            sums = [zero if s is None else s for s in sums]
-        mask = ops.isfinite(ops.stack(sums)) if sums else ops.ones((0,), "bool")
-        return mask, ops.all(mask)
-
     # ----------------------------------------------------------------- apply
-    def _prepare(self, grads, trainable_variables, scale, unscaled_flag):
-        """Unscales `grads` unless `get_unscaled_gradients` already did.
+    def _prepare(self, grads, trainable_variables, scale, unscaled_flag, fingerprint):
+        """Unscales `grads` unless they are the ones `get_unscaled_gradients` returned.
 
         Returns the gradients, the variables and the new value of the flag (0).
         """
-        tvs = list(trainable_variables or self._trainable_variables)
+        tvs = list(self._trainable_variables if trainable_variables is None
+                   else trainable_variables)
         if len(grads) != len(tvs):
             raise ValueError(
                 f"`grads` and `trainable_variables` must have the same length. Received: "
                 f"{len(grads)} gradients for {len(tvs)} variables.")
-        divisor = ops.where(ops.greater(unscaled_flag, 0), ops.ones_like(scale), scale)
-        return self._unscale(grads, tvs, divisor), tvs, ops.zeros_like(unscaled_flag)
+        if not self.enabled:
+            return list(grads), tvs, ops.zeros_like(unscaled_flag)
+        # Within a factor `scale` of the returned norm: unscaled (scaled ones are
+        # `scale**2` away, and a sum of a few unscaled gradients stays within).
+        norm = _first_norm(grads)
+        factor = ops.maximum(scale, 1.0 / scale)
+        same = ops.logical_and(ops.greater_equal(norm * factor, fingerprint),
+                               ops.less_equal(norm, fingerprint * factor))
+        unscaled = ops.logical_and(ops.greater(unscaled_flag, 0), same)
+        divisor = ops.where(unscaled, ops.ones_like(scale), scale)
+        keep = [self._overwrite_variable_with_gradient(v) for v in tvs]
+        out = [g if (g is None or k) else _numerics.divide_in_float32(g, divisor)
+               for g, k in zip(grads, keep, strict=True)]
+        return out, tvs, ops.zeros_like(unscaled_flag)
 
     def _prepare_stateful(self, grads, trainable_variables):
         grads, tvs, flag = self._prepare(
-            grads, trainable_variables, self.dynamic_scale.value, self.grads_unscaled.value)
+            grads, trainable_variables, self.dynamic_scale.value, self.grads_unscaled.value,
+            self._unscaled_fingerprint.value)
         self.grads_unscaled.assign(flag)
         return grads, tvs
 
+    def _finite_mask(self, grads, trainable_variables):
+        """Per-variable check, ordered as the variables the optimizer was built on.
+
+        Returns `(mask, finite)`: `mask[i]` is whether variable i's squared
+        gradient norm is finite; `finite` whether the squared global norm is
+        (false as soon as any element, square or the sum overflows).
+        """
+        norms = [None] * len(self._trainable_variables)
+        for g, v in zip(grads, trainable_variables, strict=True):
+            if g is not None:
+                norms[self._get_variable_index(v)] = _numerics.squared_norm(g)
+        if not norms:
+            return ops.ones((0,), "bool"), ops.convert_to_tensor(True)
+        zero = ops.zeros((), "float32")
+        norms = ops.stack([zero if n is None else n for n in norms])
+        finite = ops.isfinite(ops.sum(norms))
+        if not self.skip_nonfinite:
+            finite = ops.convert_to_tensor(True)
+        return ops.isfinite(norms), finite
+
     def apply(self, grads, trainable_variables=None):
+        grads = list(grads)
+        if trainable_variables is not None:
+            trainable_variables = list(trainable_variables)
+            if not grads and not trainable_variables:
+                return  # nothing to apply (as Keras' optimizers)
         if not self.built:
             if trainable_variables is None:
                 raise ValueError(
@@ -364,63 +505,80 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
             self._check_variables_are_known(trainable_variables)
         if keras.backend.backend() == "tensorflow":
             self._tf_apply(grads, trainable_variables)
-        elif not self.enabled:
+            return
+        grads, tvs = self._prepare_stateful(grads, trainable_variables)
+        if not (self.enabled or self.skip_nonfinite):
             self.inner_optimizer.apply(grads, trainable_variables)
-        else:
-            grads, tvs = self._prepare_stateful(grads, trainable_variables)
-            self._common_apply(grads, tvs, trainable_variables)
+            return
+        self._common_apply(grads, tvs, trainable_variables, self._take_loss_flag())
 
-    def _common_apply(self, grads, tvs, trainable_variables):
+    def _take_loss_flag(self):
+        """Reads (and clears) this replica's non-finite-loss flag, as float32."""
+        flag = ops.cast(self._loss_nonfinite.value, "float32")
+        self._loss_nonfinite.assign(ops.zeros((), "int32"))
+        return flag
+
+    def _common_apply(self, grads, tvs, trainable_variables, loss_flag):
         """Checks, applies or skips, and updates the state (replica or local context)."""
         mask, finite = self._finite_mask(grads, tvs)
-        ops.cond(
-            finite,
-            lambda: self.inner_optimizer.apply(grads, trainable_variables),
-            lambda: None,
-        )
-        self._assign_state(finite, mask)
+        if keras.backend.backend() == "tensorflow":
+            ops.cond(finite, lambda: self.inner_optimizer.apply(grads, trainable_variables),
+                     lambda: None)
+        elif bool(ops.convert_to_numpy(finite)):
+            # Stateful apply on JAX/PyTorch runs eagerly: a traced `cond` would
+            # leave tracers in the variables.
+            self.inner_optimizer.apply(grads, trainable_variables)
+        self._restore_guarded(finite)
+        self._assign_state(finite, mask, loss_flag)
 
-    def _assign_state(self, finite, mask):
+    def _assign_state(self, finite, mask, loss_flag):
         new_state = self._next_state(finite, [v.value for v in self._state_vars])
         for var, value in zip(self._state_vars, new_state, strict=True):
             var.assign(value)
         self.nonfinite_mask.assign(ops.cast(ops.logical_not(mask), "int32"))
+        skipped_on_loss = ops.logical_and(ops.logical_not(finite), ops.greater(loss_flag, 0))
+        self._nonfinite_loss_steps.assign(
+            self._nonfinite_loss_steps.value + ops.cast(skipped_on_loss, "int32"))
 
     def _tf_apply(self, grads, trainable_variables=None):
         """TensorFlow only: `tf.distribute`-aware apply.
 
-        Gradients are all-reduced *before* the finiteness check, so a non-finite
-        gradient on any replica makes every replica skip the same step, and the
-        inner optimizer's clipping sees the global gradient.
+        Gradients are all-reduced *before* the check, so a non-finite gradient on
+        any replica makes every replica skip the same step, and the inner
+        optimizer's clipping sees the global gradient.
         """
         import tensorflow as tf
 
         if tf.distribute.in_cross_replica_context():
             raise ValueError("apply() must be called in a replica context.")
-        if self.enabled:
-            grads, tvs = self._prepare_stateful(grads, trainable_variables)
-        else:
-            grads, tvs = list(grads), list(trainable_variables or self._trainable_variables)
+        grads, tvs = self._prepare_stateful(grads, trainable_variables)
+        loss_flag = self._take_loss_flag()
         ctx = tf.distribute.get_replica_context()
         if tf.distribute.has_strategy() and ctx.num_replicas_in_sync > 1:
             # The inner optimizer's own all-reduce is switched off (see __init__).
+            # The loss flags travel in the same all-reduce (no extra collective).
             present = [i for i, g in enumerate(grads) if g is not None]
-            reduced = ctx.all_reduce(tf.distribute.ReduceOp.SUM, [grads[i] for i in present])
-            for i, g in zip(present, reduced, strict=True):
+            reduced = ctx.all_reduce(tf.distribute.ReduceOp.SUM,
+                                     [grads[i] for i in present] + [loss_flag])
+            for i, g in zip(present, reduced[:-1], strict=True):
                 grads[i] = g
-        if not self.enabled:
+            loss_flag = reduced[-1]
+        if not (self.enabled or self.skip_nonfinite):
             return self.inner_optimizer.apply(grads, trainable_variables)
         if not tf.distribute.has_strategy():
-            return self._common_apply(grads, tvs, trainable_variables)
-        if tf.__internal__.distribute.strategy_supports_no_merge_call():
-            return self._common_apply(grads, tvs, trainable_variables)
+            return self._common_apply(grads, tvs, trainable_variables, loss_flag)
+        # Also where the strategy needs no merge call (several GPUs with XLA): the
+        # inner apply assigns `only_first_replica` variables (its `iterations`),
+        # which broadcast through a merge call, and a merge call inside a `cond`
+        # branch built in replica context fails (keras-team/keras#21366). The cond
+        # is therefore built in cross-replica context on every strategy.
+        # The gradients were all-reduced, so every replica holds the same mask.
+        mask_per_replica, finite_per_replica = self._finite_mask(grads, tvs)
+        self._restore_guarded(finite_per_replica)  # replica-local state, in replica context
 
-        mask_per_replica = self._finite_mask(grads, tvs)[0]
-
-        def cross_replica(distribution, grads, mask_per_replica):
-            # The gradients were all-reduced, so every replica holds the same mask.
+        def cross_replica(distribution, grads, mask_per_replica, loss_flag):
             mask = distribution.experimental_local_results(mask_per_replica)[0]
-            finite = ops.all(mask)
+            finite = distribution.experimental_local_results(finite_per_replica)[0]
 
             def apply_fn():
                 distribution.extended.call_for_each_replica(
@@ -430,12 +588,13 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
             # The cond must be built in cross-replica context: the inner
             # optimizer's apply calls merge_call.
             ops.cond(finite, apply_fn, lambda: None)
-            self._assign_state(finite, mask)
+            self._assign_state(finite, mask,
+                               distribution.experimental_local_results(loss_flag)[0])
 
-        ctx.merge_call(cross_replica, args=(grads, mask_per_replica))
+        ctx.merge_call(cross_replica, args=(grads, mask_per_replica, loss_flag))
 
     def stateless_apply(self, optimizer_variables, grads, trainable_variables):
-        """Stateless apply (JAX); same algorithm as `apply`."""
+        """Stateless apply (JAX); same algorithm as `apply` (without `guard_state`)."""
         if not self.built:
             raise ValueError(
                 f"To call `stateless_apply`, {self.__class__.__name__} must be built "
@@ -443,15 +602,16 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
             )
         n_own = len(self._variables)
         own, inner = list(optimizer_variables[:n_own]), list(optimizer_variables[n_own:])
-        if not self.enabled:
-            new_tvs, new_inner = self.inner_optimizer.stateless_apply(
-                inner, grads, trainable_variables)
-            return new_tvs, own + list(new_inner)
         index = {id(v): i for i, v in enumerate(self._variables)}
         state_idx = [index[id(v)] for v in self._state_vars]
         scale = own[index[id(self.dynamic_scale)]]
         flag_idx = index[id(self.grads_unscaled)]
-        grads, tvs, own[flag_idx] = self._prepare(grads, None, scale, own[flag_idx])
+        grads, tvs, own[flag_idx] = self._prepare(
+            list(grads), None, scale, own[flag_idx], self._unscaled_fingerprint.value)
+        if not (self.enabled or self.skip_nonfinite):
+            new_tvs, new_inner = self.inner_optimizer.stateless_apply(
+                inner, grads, trainable_variables)
+            return new_tvs, own + list(new_inner)
         mask, finite = self._finite_mask(grads, tvs)
         new_state = self._next_state(finite, [own[i] for i in state_idx])
         for i, value in zip(state_idx, new_state, strict=True):
@@ -470,7 +630,10 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
     # ---------------------------------------------------------------- config
     @classmethod
     def from_config(cls, config, custom_objects=None):
-        return super().from_config(dict(config), custom_objects=custom_objects)
+        config = dict(config)
+        if config.get("dynamic") is False:  # files of tfmp 0.1 stored the unused count
+            config["dynamic_growth_steps"] = None
+        return super().from_config(config, custom_objects=custom_objects)
 
     def get_config(self):
         config = super().get_config()
@@ -482,5 +645,36 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
             max_scale=self.max_scale,
             hysteresis=self.hysteresis,
             enabled=self.enabled,
+            skip_nonfinite=self.skip_nonfinite,
         )
         return config
+
+
+def _check_inner(inner_optimizer) -> None:
+    if isinstance(inner_optimizer, keras.optimizers.LossScaleOptimizer):
+        raise ValueError(
+            "`inner_optimizer` is already a LossScaleOptimizer and cannot be wrapped "
+            f"again. Received: inner_optimizer={inner_optimizer!r}; pass the optimizer "
+            "it wraps instead.")
+    _check(isinstance(inner_optimizer, keras.optimizers.Optimizer),
+           "inner_optimizer", inner_optimizer, "a `keras.optimizers.Optimizer` instance")
+    owner = getattr(inner_optimizer, "_tfmp_wrapper", None)
+    if owner is not None and owner() is not None:
+        raise ValueError(
+            "`inner_optimizer` is already wrapped by another LossScaleOptimizer "
+            f"({owner().name!r}); two wrappers would both update its variables. Received: "
+            f"inner_optimizer={inner_optimizer!r}; create a new inner optimizer instead.")
+
+
+def _strategy_of(v):
+    """The `tf.distribute` strategy a variable was made under, if any (duck-typed)."""
+    return getattr(v.value, "_distribute_strategy", None)
+
+
+def _first_norm(grads):
+    """`sum(g**2)` (float32) of the first gradient that is not None, else 0."""
+    for g in grads:
+        if g is not None:
+            return _numerics.squared_norm(g)
+    return ops.zeros((), "float32")
+
