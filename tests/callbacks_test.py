@@ -122,9 +122,44 @@ class LossScaleMonitorTest(TestCase):
             tfmp.callbacks.LossScaleMonitor(max_consecutive_skips=0)
 
     def test_config_round_trip(self):
-        cb = tfmp.callbacks.LossScaleMonitor(log_dir="logs", max_consecutive_skips=7)
+        cb = tfmp.callbacks.LossScaleMonitor(log_dir="logs", max_consecutive_skips=7,
+                                             guard_state=False)
         restored = tfmp.callbacks.LossScaleMonitor.from_config(cb.get_config())
-        self.assertEqual((restored.log_dir, restored.max_consecutive_skips), ("logs", 7))
+        self.assertEqual((restored.log_dir, restored.max_consecutive_skips,
+                          restored.guard_state), ("logs", 7, False))
+        self.assertEqual(restored.get_config(), cb.get_config())
+
+    def test_tells_nonfinite_data_from_overflow(self):
+        keras.config.set_dtype_policy("mixed_float16")
+        x, y = _data()
+        x[4, 0] = np.nan  # the second batch: the loss itself is NaN
+        model = _model(keras.layers.Dense(4))
+        # 2**24 overflows the float16 gradients of the clean first batch.
+        opt = tfmp.LossScaleOptimizer(keras.optimizers.SGD(0.01), initial_scale=2.0**24)
+        model.compile(optimizer=opt, loss="mse")
+        with self.assertLogs("tfmp", level="WARNING") as logs:
+            history = model.fit(x, y, batch_size=4, epochs=1, shuffle=False, verbose=0,
+                                callbacks=[tfmp.callbacks.LossScaleMonitor()])
+        self.assertGreaterEqual(history.history["skipped_steps"][0], 2)
+        self.assertEqual(history.history["nonfinite_loss_steps"], [1])
+        self.assertRegex(logs.output[0], "epoch 1: 1 skipped step.* non-finite loss: inf/NaN "
+                         "in the data or in the forward pass, not a loss-scale overflow")
+
+    def test_guards_state_restored_by_backup(self):
+        # The monitor copies the statistics before the first step, after any
+        # on_train_begin restore: a NaN first batch leaves the restored values.
+        x, y = _data(8)
+        model = _model(keras.layers.Dense(4), keras.layers.BatchNormalization())
+        opt = tfmp.LossScaleOptimizer(keras.optimizers.SGD(0.01))
+        model.compile(optimizer=opt, loss="mse")
+        restored = [np.full(v.shape, 0.5, "float32") for v in model.non_trainable_variables]
+        restore = keras.callbacks.LambdaCallback(on_train_begin=lambda logs: [
+            v.assign(r) for v, r in zip(model.non_trainable_variables, restored, strict=True)])
+        x[0, 0] = np.nan
+        model.fit(x, y, batch_size=8, verbose=0,
+                  callbacks=[tfmp.callbacks.LossScaleMonitor(), restore])
+        for value, expected in zip(model.non_trainable_variables, restored, strict=True):
+            np.testing.assert_array_equal(value.numpy(), expected)
 
 
 class ThroughputTest(TestCase):

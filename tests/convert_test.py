@@ -335,15 +335,36 @@ class ApplyPolicyTest(TestCase):
         x = np.array([["a"], ["c"], ["zz"]])
         self.assertAllClose(new(x), model(x), rtol=0, atol=1e-2)
 
-    def test_compiled_model_is_recompiled_with_loss_scaling(self):
-        model = _sandwich(keras.layers.ReLU())
+    @parameterized.named_parameters(
+        ("mixed_float16", MIXED, True), ("mixed_bfloat16", "mixed_bfloat16", False),
+        ("float32", "float32", False))
+    def test_compiled_model_is_recompiled_with_tfmp_optimizer(self, policy, scaling):
+        # Keras' compile() would wrap "adam" in its own LossScaleOptimizer under
+        # mixed_float16 (the class whose failures tfmp fixes), and in nothing
+        # under the other policies (no skipping of non-finite steps).
+        model = _sandwich(keras.layers.BatchNormalization())
         model.compile(optimizer="adam", loss="mse")
-        new = tfmp.convert.apply_policy(model, MIXED)
-        self.assertIsInstance(new.optimizer, keras.optimizers.LossScaleOptimizer)
+        new = tfmp.convert.apply_policy(model, policy)
+        self.assertIs(type(new.optimizer), tfmp.LossScaleOptimizer)
         self.assertIsInstance(new.optimizer.inner_optimizer, keras.optimizers.Adam)
-        self.assertNotIsInstance(
-            tfmp.convert.apply_policy(model, "mixed_bfloat16").optimizer,
-            keras.optimizers.LossScaleOptimizer)
+        self.assertEqual(new.optimizer.enabled, scaling)
+        self.assertTrue(new.optimizer.skip_nonfinite)
+        # A NaN batch is skipped and leaves the batch-norm statistics as they were.
+        x = np.ones((4,) + tuple(model.input_shape[1:]), "float32")
+        x[0].flat[0] = np.nan
+        stats = [v.numpy().copy() for v in new.non_trainable_variables]
+        new.fit(x, np.zeros((4,) + tuple(new.output_shape[1:]), "float32"), verbose=0)
+        self.assertEqual(new.optimizer.stats()["skipped_steps"], 1)
+        for before, after in zip(stats, new.non_trainable_variables, strict=True):
+            np.testing.assert_array_equal(before, after.numpy())
+
+    def test_compiled_with_keras_loss_scale_optimizer_is_unwrapped(self):
+        model = _sandwich(keras.layers.ReLU())
+        model.compile(optimizer=keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.1)),
+                      loss="mse")
+        new = tfmp.convert.apply_policy(model, MIXED)
+        self.assertIs(type(new.optimizer), tfmp.LossScaleOptimizer)
+        self.assertIs(type(new.optimizer.inner_optimizer), keras.optimizers.SGD)
 
     def test_graph_with_keras_ops_calls(self):
         # The text recipe's model adds tensors and builds its mask with `keras.ops`

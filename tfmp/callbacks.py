@@ -6,19 +6,26 @@ The TensorBoard writer uses `tf.summary` (TensorFlow only, imported when
 
 from __future__ import annotations
 
+import logging
 import time
 
 import keras
 import numpy as np
 from keras import ops
 
-from tfmp.backup import BackupAndRestore
+from tfmp.backup import BackupAndRestore, BackupError
 
-__all__ = ["BackupAndRestore", "LossScaleError", "LossScaleMonitor", "Throughput"]
+__all__ = ["BackupAndRestore", "BackupError", "LossScaleError", "LossScaleMonitor", "Throughput"]
 
 
 class LossScaleError(RuntimeError):
     """Raised when loss scaling cannot rescue training any more."""
+
+
+def _nonfinite_loss_steps(opt) -> int:
+    if opt is None or not hasattr(opt, "nonfinite_loss_steps"):
+        return 0
+    return int(ops.convert_to_numpy(opt.nonfinite_loss_steps))
 
 
 def _loss_scale_optimizer(model):
@@ -38,6 +45,14 @@ class LossScaleMonitor(keras.callbacks.Callback):
     model itself produces inf/NaN. The error names the variables whose
     gradients were non-finite on the last step.
 
+    With `tfmp.LossScaleOptimizer` it also guards the model's non-trainable
+    state (batch-normalisation statistics and any state a layer updates in its
+    forward pass: see `LossScaleOptimizer.guard_state`), so a skipped step
+    leaves every variable of the model as it was, and it tells skipped steps
+    whose *loss* was non-finite (inf/NaN in the data or in the forward pass;
+    loss scaling does not cause these) from overflows of the scaled gradients:
+    `nonfinite_loss_steps` in the epoch logs, and one warning per epoch.
+
     Works with `tfmp.LossScaleOptimizer`; with Keras' own class it logs the
     scale only. Does nothing when the model's optimizer scales no loss.
 
@@ -45,6 +60,7 @@ class LossScaleMonitor(keras.callbacks.Callback):
         log_dir: Directory for TensorBoard event files, or None.
         max_consecutive_skips: Skipped steps in a row (>= 1) at the minimum
             scale after which training stops; None never stops.
+        guard_state: Whether to guard the model's non-trainable variables.
 
     Example:
 
@@ -53,7 +69,8 @@ class LossScaleMonitor(keras.callbacks.Callback):
         history.history["loss_scale"]
     """
 
-    def __init__(self, log_dir: str | None = None, max_consecutive_skips: int | None = 100):
+    def __init__(self, log_dir: str | None = None, max_consecutive_skips: int | None = 100,
+                 guard_state: bool = True):
         super().__init__()
         if max_consecutive_skips is not None and (
             not isinstance(max_consecutive_skips, int) or max_consecutive_skips < 1
@@ -64,14 +81,18 @@ class LossScaleMonitor(keras.callbacks.Callback):
             )
         self.log_dir = log_dir
         self.max_consecutive_skips = max_consecutive_skips
+        self.guard_state = bool(guard_state)
         self._writer = None
+        self._sync_before_first_step = False
+        self._nonfinite_loss_at_epoch_start = 0
 
     @classmethod
     def from_config(cls, config: dict) -> LossScaleMonitor:
         return cls(**config)
 
     def get_config(self) -> dict:
-        return {"log_dir": self.log_dir, "max_consecutive_skips": self.max_consecutive_skips}
+        return {"log_dir": self.log_dir, "max_consecutive_skips": self.max_consecutive_skips,
+                "guard_state": self.guard_state}
 
     def _values(self, opt) -> dict:
         scale = getattr(opt, "loss_scale", opt.dynamic_scale)  # tfmp's is 1.0 when disabled
@@ -81,10 +102,27 @@ class LossScaleMonitor(keras.callbacks.Callback):
         return logs
 
     def on_train_begin(self, logs=None):
-        if self.log_dir and _loss_scale_optimizer(self.model) is not None:
+        opt = _loss_scale_optimizer(self.model)
+        if self.log_dir and opt is not None:
             import tensorflow as tf
 
             self._writer = tf.summary.create_file_writer(self.log_dir)
+        if self.guard_state and hasattr(opt, "guard_state"):
+            before = len(opt._guarded)
+            opt.guard_state(self.model)
+            if len(opt._guarded) > before and getattr(self.model, "train_function", None):
+                self.model.make_train_function(force=True)  # traced without the guard
+            # Restores (BackupAndRestore) may still load weights in on_train_begin.
+            self._sync_before_first_step = True
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self._sync_before_first_step:
+            self._sync_before_first_step = False
+            _loss_scale_optimizer(self.model).sync_guarded_state()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        opt = _loss_scale_optimizer(self.model)
+        self._nonfinite_loss_at_epoch_start = _nonfinite_loss_steps(opt)
 
     def on_train_batch_end(self, batch, logs=None):
         opt = _loss_scale_optimizer(self.model)
@@ -99,8 +137,19 @@ class LossScaleMonitor(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         opt = _loss_scale_optimizer(self.model)
-        if opt is not None and opt.built and logs is not None:
-            logs.update(self._values(opt))
+        if opt is None or not opt.built:
+            return
+        values = self._values(opt)
+        if hasattr(opt, "nonfinite_loss_steps"):
+            values["nonfinite_loss_steps"] = _nonfinite_loss_steps(opt)
+            new = values["nonfinite_loss_steps"] - self._nonfinite_loss_at_epoch_start
+            if new > 0:
+                logging.getLogger("tfmp").warning(
+                    "epoch %d: %d skipped step(s) had a non-finite loss: inf/NaN in the data "
+                    "or in the forward pass, not a loss-scale overflow (check the data, e.g. "
+                    "with python -m tools.audit)", epoch + 1, new)
+        if logs is not None:
+            logs.update(values)
 
     def on_train_end(self, logs=None):
         if self._writer is not None:
@@ -120,17 +169,23 @@ class LossScaleMonitor(keras.callbacks.Callback):
             return
         consecutive = int(ops.convert_to_numpy(opt.consecutive_skipped_steps))
         # The scale is a float32 variable: compare with min_scale rounded the same way.
-        at_floor = not opt.dynamic or values["loss_scale"] <= float(np.float32(opt.min_scale))
+        at_floor = (not opt.dynamic or not getattr(opt, "enabled", True)
+                    or values["loss_scale"] <= float(np.float32(opt.min_scale)))
         if consecutive < self.max_consecutive_skips or not at_floor:
             return
         names = opt.nonfinite_variables()
         self.model.stop_training = True
+        loss_steps = _nonfinite_loss_steps(opt)
+        loss_note = (f" {loss_steps} skipped step(s) so far had a non-finite loss itself "
+                     "(inf/NaN in the data or the forward pass)." if loss_steps else "")
         raise LossScaleError(
             f"{consecutive} training steps in a row were skipped for non-finite gradients "
             f"with the loss scale at its minimum ({values['loss_scale']:g}). Loss scaling "
             "cannot fix this: the model computes inf/NaN itself (NaN or inf in the data, a "
-            "layer that overflows float16, or a learning rate that is too high). Variables "
-            f"with non-finite gradients on the last step: {', '.join(names) or 'none recorded'}."
+            "layer that overflows float16, or a learning rate that is too high)."
+            f"{loss_note} "
+            f"Variables with non-finite gradients on the last step: "
+            f"{', '.join(names) or 'none recorded'}."
         )
 
 

@@ -286,9 +286,11 @@ def apply_policy(
 
     Weights (trainable and not) are copied exactly: variables are float32 under
     every mixed policy. Shared layers stay shared. The copy's own policy is
-    `policy`, so `compile()` wraps its optimizer in Keras' loss scaling under
-    `mixed_float16`; if `model` was compiled, the copy is compiled from the same
-    config (fresh optimizer state). Keras does not save a Functional model's own
+    `policy`. If `model` was compiled, the copy is compiled from the same config
+    (fresh optimizer state) with its optimizer in `tfmp.LossScaleOptimizer`
+    (never Keras' own): loss scaling under `mixed_float16`, non-finite steps
+    skipped under every policy, and non-trainable state guarded (see
+    `LossScaleOptimizer.guard_state`). Keras does not save a Functional model's own
     policy, so after `keras.saving.load_model` compile it with
     `tfmp.LossScaleOptimizer` explicitly (the layers' policies are saved).
     A subclass of Functional whose constructor does not take `(inputs,
@@ -352,8 +354,29 @@ def apply_policy(
         if old.weights:
             clone.set_weights(old.get_weights())
     if model.compiled:  # Again, now that the copy's own policy is set.
-        new.compile_from_config(model.get_compile_config())
+        _compile_like(new, model, policy)
     return new
+
+
+def _compile_like(new: keras.Model, model: keras.Model, policy: str) -> None:
+    """Compiles `new` from `model`'s compile config, with tfmp's LossScaleOptimizer.
+
+    The optimizer (Keras' `LossScaleOptimizer` unwrapped) is wrapped in
+    `tfmp.LossScaleOptimizer`: scaling under `mixed_float16`, skipping of
+    non-finite steps under every policy, and the copy's non-trainable state
+    guarded on skipped steps. Fresh optimizer state, as `compile_from_config`.
+    """
+    from tfmp.optimizers import LossScaleOptimizer
+
+    config = dict(model.get_compile_config())
+    optimizer = keras.optimizers.get(config.get("optimizer") or "rmsprop")
+    if not isinstance(optimizer, LossScaleOptimizer):
+        if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+            optimizer = optimizer.inner_optimizer
+        optimizer = LossScaleOptimizer(optimizer, enabled=policy == "mixed_float16")
+    config["optimizer"] = keras.optimizers.serialize(optimizer)
+    new.compile_from_config(config)
+    new.optimizer.guard_state(new)
 
 
 # ------------------------------------------------------------------- summary
