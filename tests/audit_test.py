@@ -6,6 +6,8 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
+from unittest import mock
 
 import keras
 import numpy as np
@@ -47,6 +49,11 @@ def _tiny_mse(y_true, y_pred):
     """A loss 1e-9 times MSE: its float32 gradients are ~1e-10, below float16's 6e-8."""
     y_pred = keras.ops.cast(y_pred, "float32")
     return 1e-9 * keras.ops.mean(keras.ops.square(y_true - y_pred))
+
+
+def _gradient_model_4():
+    return keras.Sequential([keras.Input((4,)), keras.layers.Dense(4, name="h"),
+                             keras.layers.Dense(1, name="out")])
 
 
 def _gradient_model():
@@ -272,6 +279,56 @@ class AuditModelTest(TestCase):
         with open(path, "rb") as f:
             self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
 
+    def test_single_layer_model(self):
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, name="only")])
+        report = audit.audit_model(model, _X, np.zeros((8, 2), "float32"), loss="mse")
+        self.assertEqual([row.name for row in report.layers], ["only"])
+        self.assertEqual(report.layers[0].dtype, "float32")  # The output layer stays float32.
+        self.assertEqual(report.gradients.weights["count"], 4 * 2 + 2)
+        inner = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, name="inner_only")],
+                                 name="inner")
+        outer = keras.Sequential([keras.Input((4,)), inner, keras.layers.Dense(1, name="head")])
+        self.assertEqual([row.name for row in audit.audit_model(outer, _X).layers],
+                         ["inner/inner_only", "head"])
+
+    def test_nonfinite_input_data_is_a_finding(self):
+        x = _X.copy()
+        x[0, 0], x[1, 1] = np.nan, np.inf
+        y = np.zeros((8,), "float32")
+        y[3] = np.nan
+        report = audit.audit_model(_gradient_model_4(), x, y, loss="mse")
+        self.assertEqual(report.nonfinite_inputs, {"x": 2, "y": 1})
+        d = json.loads(json.dumps(report.to_dict(), allow_nan=False))  # strict JSON
+        self.assertEqual(d["nonfinite_inputs"], {"x": 2, "y": 1})
+        self.assertIsNone(d["gradients"]["max_abs"])  # NaN gradients: None, not NaN
+        self.assertIn("Input data is not finite (x: 2, y: 1 NaN/inf values)", report.table())
+        self.assertEqual(audit.audit_model(_gradient_model_4(), _X).nonfinite_inputs, {})
+        self.assertEqual(tfmp.audit_report.nonfinite_counts(
+            {"a": np.ones(2), "b": np.array([np.nan])}, np.arange(3)), {"x['b']": 1})
+        self.assertEqual(tfmp.audit_report.nonfinite_counts(
+            [np.ones(2), np.array([np.inf, -np.inf])]), {"x[1]": 2})
+
+    def test_failed_plot_keeps_the_previous_one(self):
+        from matplotlib.figure import Figure
+
+        report = audit.audit_model(_overflow_model(), _X)
+        tmp = self.tmp_dir()
+        path = report.plot(os.path.join(tmp, "audit.png"))
+        with open(path, "rb") as f:
+            before = f.read()
+
+        def torn_savefig(fig, fname, **kwargs):
+            with open(fname, "wb") as f:
+                f.write(b"\x89PNG torn")
+            raise OSError("disk full (simulated)")
+
+        with mock.patch.object(Figure, "savefig", torn_savefig):
+            with self.assertRaisesRegex(OSError, "simulated"):
+                report.plot(path)
+        with open(path, "rb") as f:
+            self.assertEqual(f.read(), before)
+        self.assertEqual(os.listdir(tmp), ["audit.png"])
+
     def test_patterns_match_exactly(self):
         names = ["block[1]*", "a?b", "plain", "block1x"]
         for name in names:
@@ -316,6 +373,21 @@ def _run_tool(*args):
                           capture_output=True, text=True, timeout=300)
 
 
+def _refusing_dir(test):
+    """A directory where no new file can be made (read-only; /sys when running as root)."""
+    path = test.tmp_dir()
+    os.chmod(path, 0o555)
+    test.addCleanup(os.chmod, path, 0o755)
+    for candidate in (path, "/sys"):
+        try:
+            fd, probe = tempfile.mkstemp(dir=candidate)
+        except OSError:
+            return candidate
+        os.close(fd)
+        os.remove(probe)
+    test.skipTest("no directory here refuses new files (root without a read-only /sys)")
+
+
 class AuditToolTest(TestCase):
 
     def test_cli_writes_report_and_plot(self):
@@ -337,6 +409,63 @@ class AuditToolTest(TestCase):
         self.assertIsNotNone(report["gradients"])  # y and the compiled loss.
         with open(os.path.join(out, "audit.png"), "rb") as f:
             self.assertEqual(f.read(4), b"\x89PNG")
+
+    def test_nonfinite_data_is_reported_and_the_report_replaced_whole(self):
+        from tools import audit as audit_tool
+
+        tmp = self.tmp_dir()
+        model = _overflow_model()
+        model.compile(loss="sparse_categorical_crossentropy")
+        model.save(os.path.join(tmp, "m.keras"))
+        x = _X.copy()
+        x[2, 3] = np.nan
+        np.savez(os.path.join(tmp, "batch.npz"), x=x, y=np.zeros((8,), "int32"))
+        out = os.path.join(tmp, "out")
+        os.mkdir(out)
+        with open(os.path.join(out, "report.json"), "w") as f:
+            f.write('{"previous": true}')
+        printed = []
+        result = audit_tool.audit(model_path=f"{tmp}/m.keras", data_path=f"{tmp}/batch.npz",
+                                  out_dir=out, print_fn=printed.append)
+
+        def no_constants(name):
+            raise AssertionError(f"{name} in report.json")
+
+        with open(os.path.join(out, "report.json")) as f:
+            report = json.load(f, parse_constant=no_constants)
+        self.assertEqual(report, result)
+        self.assertEqual(report["nonfinite_inputs"], {"x": 1})
+        self.assertIn("Input data is not finite (x: 1 NaN/inf values)", printed[0])
+        self.assertEqual(sorted(os.listdir(out)), ["audit.png", "report.json"])
+
+    @parameterized.named_parameters(
+        ("out_dir_is_a_file", "file", r"`out_dir` exists and is not a directory"),
+        ("report_is_a_directory", "report_dir",
+         r"`out_dir` holds a report\.json that is not a file"),
+        ("parent_not_writable", "read_only", r"`out_dir` cannot be written: '.*' refuses new "
+         r"files \(.*\)"),
+    )
+    def test_cli_refuses_an_unusable_out_dir_before_any_work(self, case, message):
+        tmp = self.tmp_dir()
+        if case == "file":
+            out = os.path.join(tmp, "out")
+            with open(out, "w") as f:
+                f.write("mine")
+        elif case == "report_dir":
+            out = tmp
+            os.mkdir(os.path.join(out, "report.json"))
+        else:
+            out = os.path.join(_refusing_dir(self), "out")
+        before = sorted(os.listdir(tmp))
+        # --model is missing too: the out_dir is checked first, before any work.
+        result = _run_tool(f"--model={tmp}/missing.keras", f"--data={tmp}/batch.npz",
+                           f"--out_dir={out}")
+        self.assertEqual(result.returncode, 2, result.stderr)
+        self.assertNotIn("Traceback", result.stderr)
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        self.assertEqual(len(errors), 1, result.stderr)
+        self.assertRegex(errors[0], "^error: " + message + ".*Received: out_dir=")
+        self.assertEqual(sorted(os.listdir(tmp)), before)
 
     @parameterized.named_parameters(
         ("missing_model", "missing", r"`model` is not a file"),

@@ -17,7 +17,7 @@ from absl.testing import parameterized
 
 import tfmp
 from tests.base import TestCase
-from tfmp import export
+from tfmp import _io, export
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # TensorFlow's C++ start-up lines ("I0000 ... port.cc ...", "E0000 ... cuInit ...")
@@ -280,6 +280,60 @@ class ExportTest(TestCase):
         self.assertEqual(sorted(os.listdir(parent)), ["busy"])
         self.assertEqual(os.listdir(busy), ["notes.txt"])
 
+    @parameterized.named_parameters(
+        ("users_file", "notes.txt", False, r"\['notes\.txt'\]"),
+        ("users_directory", "assets.extra", True, r"\['assets\.extra'\]"),
+        ("file_in_variables", "variables/mine.txt", False, r"\['variables/mine\.txt'\]"),
+    )
+    def test_refuses_to_replace_a_saved_model_holding_other_files(self, extra, is_dir, listed):
+        parent = self._tmp()
+        target = os.path.join(parent, "m")
+        export.export_saved_model(_dense_model(), target)
+        path = os.path.join(target, extra)
+        if is_dir:
+            os.mkdir(path)
+        else:
+            with open(path, "w") as f:
+                f.write("keep me")
+        before = sorted(os.listdir(target))
+        message = (r"`export_dir` holds a SavedModel and entries that are not part of one: "
+                   + listed + r"; refusing to replace it.*Received: export_dir='.*/m'")
+        with self.assertRaisesRegex(ValueError, message):
+            export.check_export_dir(target)  # what recipes call before training
+        with self.assertRaisesRegex(ValueError, message):
+            export.export_saved_model(_dense_model(), target)
+        self.assertTrue(os.path.exists(path))
+        self.assertEqual(sorted(os.listdir(target)), before)
+        self.assertEqual(os.listdir(parent), ["m"])
+
+    def test_next_export_removes_what_a_killed_export_left(self):
+        parent = self._tmp()
+        target = os.path.join(parent, "m")
+        snippet = textwrap.dedent("""
+            import os, signal, sys
+            import keras
+            import tfmp
+            def write_out(archive, export_dir, *args, **kwargs):
+                os.makedirs(os.path.join(export_dir, "variables"))
+                with open(os.path.join(export_dir, "saved_model.pb"), "wb") as f:
+                    f.write(b"half written")
+                os.kill(os.getpid(), signal.SIGKILL)
+            type(keras.export.ExportArchive()).write_out = write_out
+            model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+            tfmp.export.export_saved_model(model, sys.argv[1])
+        """)
+        proc = _run(["-c", snippet, target])
+        self.assertEqual(proc.returncode, -9, proc.stderr[-2000:])
+        leftovers = os.listdir(parent)
+        self.assertLen(leftovers, 1)
+        self.assertTrue(leftovers[0].startswith("."), leftovers)  # hidden, not `m`
+        # A live export's temporary directory is left alone.
+        live = _io._sibling(target, "tmp", pid=os.getppid())
+        os.mkdir(live)
+        export.export_saved_model(_dense_model(), target)
+        self.assertEqual(sorted(os.listdir(parent)), sorted(["m", os.path.basename(live)]))
+        self.assertIn("saved_model.pb", os.listdir(target))
+
     # ------------------------------------------------------------ bad input
     @parameterized.named_parameters(
         ("int8", "int8"), ("float64", "float64"), ("policy_name", "mixed_float16")
@@ -326,6 +380,22 @@ class ExportTest(TestCase):
         self.assertIn("outputs: probs: float32[None, 2], score: float32[None, 1]", proc.stdout)
         self.assertEqual(export.serving_signature(target)["outputs"]["score"],
                          ("float32", (None, 1)))
+
+    def test_cli_refuses_the_export_dir_before_loading_the_model(self):
+        tmp = self._tmp()
+        target = os.path.join(tmp, "m")
+        os.makedirs(os.path.join(target, "variables"))
+        for name in ("saved_model.pb", "notes.txt"):
+            with open(os.path.join(target, name), "w") as f:
+                f.write("keep me")
+        proc = _run(["-m", "tools.export_savedmodel", f"--model={tmp}/missing.keras",
+                     f"--export_dir={target}"])
+        self.assertEqual(proc.returncode, 1)
+        lines = _own_stderr_lines(proc.stderr)
+        self.assertLen(lines, 1, proc.stderr)
+        self.assertRegex(lines[0], r"^error: `export_dir` holds a SavedModel and entries that "
+                         r"are not part of one: \['notes\.txt'\]")
+        self.assertEqual(sorted(os.listdir(target)), ["notes.txt", "saved_model.pb", "variables"])
 
     def test_cli_without_model_flag(self):
         proc = _run(["-m", "tools.export_savedmodel", "--export_dir=/nonexistent/out"])

@@ -51,6 +51,8 @@ come), clamped to [`MIN_LOSS_SCALE`, `MAX_LOSS_SCALE`] = [1, 2**24] (2**24 when
 every gradient is zero). Under bfloat16 no loss scaling is needed, so the
 recommendation is None.
 
+`nonfinite_inputs` counts the NaN/inf values in the batch itself (`x`, `x[i]`, `y`...).
+
 Scope: the model must be Sequential or Functional (what
 `tfmp.convert.apply_policy` clones). Nested Sequential/Functional models are
 recursed into: their layers are reported as `outer/inner`, and
@@ -73,6 +75,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from typing import Any
@@ -97,6 +100,7 @@ from tfmp.audit_report import (
     GradientAudit,
     LayerAudit,
     fnmatch_escape,
+    nonfinite_counts,
     recommended_loss_scale,
 )
 
@@ -231,12 +235,10 @@ class _Walker:
              prefix: str, tape=None):
         f32_probe, f32_fn, f32_pairs = _probe(f32_model)
         mixed_probe, mixed_fn, mixed_pairs = _probe(mixed_model)
-        if tape is not None:
-            with tape:
-                f32_out = f32_probe(list(f32_inputs), training=self.training)
-        else:
-            f32_out = f32_probe(list(f32_inputs), training=self.training)
-        mixed_out = mixed_probe(list(mixed_inputs), training=self.training)
+        # A probe with one output (a one-layer model) returns a tensor, not a list.
+        with tape if tape is not None else contextlib.nullcontext():
+            f32_out = tf.nest.flatten(f32_probe(list(f32_inputs), training=self.training))
+        mixed_out = tf.nest.flatten(mixed_probe(list(mixed_inputs), training=self.training))
         f32_values, mixed_values, producers = {}, {}, {}
         for t, value, producer in zip(f32_fn.inputs, f32_inputs, input_producers, strict=True):
             f32_values[id(t)] = value
@@ -251,11 +253,8 @@ class _Walker:
                 self.activations.append(value)
         for t, value in zip(flat_mixed, mixed_out, strict=True):
             mixed_values[id(t)] = value
-        mixed_ids = {}  # f32 tensor id -> mixed tensor id, by position.
-        for t, m in zip(flat_f32, flat_mixed, strict=True):
-            mixed_ids[id(t)] = id(m)
-        for t, m in zip(f32_fn.inputs, mixed_fn.inputs, strict=True):
-            mixed_ids[id(t)] = id(m)
+        mixed_ids = {id(t): id(m) for t, m in zip(  # f32 tensor id -> mixed one, by position.
+            [*flat_f32, *f32_fn.inputs], [*flat_mixed, *mixed_fn.inputs], strict=True)}
         if tape is not None:
             self.top_values = f32_values
         for (op, node), (mixed_op, _) in zip(f32_pairs, mixed_pairs, strict=True):
@@ -580,7 +579,8 @@ def audit_model(
         gradients, recommended = _gradient_audit(weight_grads, activation_grads, dtype,
                                                  loss_scale)
     return AuditReport(model=model.name, policy=policy, dtype=dtype, layers=walker.rows,
-                       gradients=gradients, recommended_initial_scale=recommended)
+                       gradients=gradients, recommended_initial_scale=recommended,
+                       nonfinite_inputs=nonfinite_counts(x, y))
 
 
 __all__ = [

@@ -2,11 +2,14 @@
 
 `tfmp.audit.audit_model` fills these; this module holds the data and its
 presentation (`to_dict()` for JSON, `table()`/`str()` for text, `plot()` for a
-PNG), the float16/bfloat16 limits they are measured against, and the two
-helpers that define report fields: `fnmatch_escape` (a row's `pattern`) and
-`recommended_loss_scale` (`recommended_initial_scale`). See `tfmp.audit` for
-what each number means and when a layer is recommended for float32. It needs
-NumPy only (matplotlib for `plot()`), not TensorFlow.
+PNG), the float16/bfloat16 limits they are measured against, and the helpers
+that define report fields: `fnmatch_escape` (a row's `pattern`),
+`recommended_loss_scale` (`recommended_initial_scale`) and `nonfinite_counts`
+(`nonfinite_inputs`: NaN/inf in the audited batch, a finding, not an error).
+See `tfmp.audit` for what each number means and when a layer is recommended for
+float32. `to_dict()` is strict JSON (non-finite numbers become None) and
+`plot()` writes its file atomically. It needs NumPy only (matplotlib for
+`plot()`), not TensorFlow.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import math
 from typing import Any
 
 import numpy as np
+
+from tfmp import _io
 
 FLOAT16_MAX = 65504.0
 FLOAT16_TINY = 2.0**-24  # Smallest float16 subnormal: smaller values flush to 0.
@@ -70,6 +75,35 @@ def recommended_loss_scale(max_abs_gradient: float) -> float:
     exponent = math.floor(math.log2(FLOAT16_MAX * GRADIENT_HEADROOM / max_abs_gradient))
     lo, hi = int(math.log2(MIN_LOSS_SCALE)), int(math.log2(MAX_LOSS_SCALE))
     return float(2.0 ** min(max(exponent, lo), hi))
+
+
+def nonfinite_counts(x, y=None) -> dict[str, int]:
+    """Counts the NaN and infinite values of a batch, by argument.
+
+    Args:
+        x: An array, a list of arrays or a dict of arrays.
+        y: The targets, or None.
+
+    Returns:
+        `{name: count}` for the arrays holding any (`x`, `x[0]`, `x['a']`, `y`).
+
+    Example:
+
+        >>> nonfinite_counts([np.ones(3), np.array([np.nan, np.inf])], np.zeros(2))
+        {'x[1]': 2}
+    """
+    if isinstance(x, dict):
+        named = {f"x[{key!r}]": value for key, value in x.items()}
+    elif isinstance(x, (list, tuple)):
+        named = {f"x[{i}]": value for i, value in enumerate(x)}
+    else:
+        named = {"x": x}
+    if y is not None:
+        named["y"] = y
+    arrays = {name: np.asarray(value) for name, value in named.items()}
+    counts = {name: int(a.size - np.count_nonzero(np.isfinite(a)))
+              for name, a in arrays.items() if a.dtype.kind in "fc"}
+    return {name: n for name, n in counts.items() if n}
 
 
 @dataclasses.dataclass
@@ -167,8 +201,8 @@ class GradientAudit:
     activations: dict[str, Any]
 
     def to_dict(self) -> dict[str, Any]:
-        """These statistics as a JSON-ready dict."""
-        return dataclasses.asdict(self)
+        """These statistics as a JSON-ready dict (non-finite numbers become None)."""
+        return _json_safe(dataclasses.asdict(self))
 
 
 @dataclasses.dataclass
@@ -183,6 +217,9 @@ class AuditReport:
         gradients: A `GradientAudit`, or None when no `y` was given.
         recommended_initial_scale: See `recommended_loss_scale`; None without
             gradients or under bfloat16.
+        nonfinite_inputs: `{input: count}` of NaN/inf values in the batch (see
+            `nonfinite_counts`); the numbers of the layers they reach describe
+            the data, not the precision.
     """
 
     model: str
@@ -191,6 +228,7 @@ class AuditReport:
     layers: list[LayerAudit]
     gradients: GradientAudit | None
     recommended_initial_scale: float | None
+    nonfinite_inputs: dict[str, int] = dataclasses.field(default_factory=dict)
 
     @property
     def recommended_float32_layers(self) -> list[str]:
@@ -211,6 +249,7 @@ class AuditReport:
             "gradients": self.gradients.to_dict() if self.gradients else None,
             "recommended_initial_scale": self.recommended_initial_scale,
             "recommended_float32_layers": self.recommended_float32_layers,
+            "nonfinite_inputs": dict(self.nonfinite_inputs),
         }
 
     def table(self) -> str:
@@ -231,6 +270,10 @@ class AuditReport:
         lines = [f'Precision audit of "{self.model}": float32 vs {policy} ({self.dtype})',
                  line(columns), "-" * len(line(columns))]
         lines += [line(row) for row in rows]
+        if self.nonfinite_inputs:
+            counts = ", ".join(f"{k}: {n}" for k, n in self.nonfinite_inputs.items())
+            lines.append(f"Input data is not finite ({counts} NaN/inf values): the rows and "
+                         "gradients it reaches measure the data, not the precision.")
         g = self.gradients
         if g is None:
             lines.append("Gradients: not audited (no y).")
@@ -266,6 +309,7 @@ class AuditReport:
         the histogram of log2 |gradient| with the underflow line, as in Figure 3
         of the mixed precision training paper (Micikevicius et al., 2018).
         Needs matplotlib (the Agg canvas; the global backend is not changed).
+        The file is written atomically: a failed plot keeps a previous one.
 
         Args:
             path: The PNG file to write.
@@ -325,8 +369,19 @@ class AuditReport:
             ax_grad.set_ylabel("count")
             ax_grad.set_title("Gradient magnitudes")
             ax_grad.legend(fontsize=7)
-        fig.savefig(path, dpi=100)
+        with _io.atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
         return path
+
+
+def _json_safe(value):
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float):
+        return _finite_or_none(value)
+    return value
 
 
 def _finite_or_none(value):
@@ -344,5 +399,5 @@ def _num(value) -> str:
 __all__ = [
     "BFLOAT16_MAX", "BFLOAT16_TINY", "FLOAT16_MAX", "FLOAT16_TINY", "GRADIENT_HEADROOM",
     "MAX_LOSS_SCALE", "MIN_LOSS_SCALE", "AuditReport", "GradientAudit", "LayerAudit",
-    "fnmatch_escape", "recommended_loss_scale",
+    "fnmatch_escape", "nonfinite_counts", "recommended_loss_scale",
 ]

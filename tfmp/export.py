@@ -18,13 +18,18 @@ when the model has several outputs (a list keeps the model's output names,
 a dict its keys); a single output is returned as a tensor, which the
 signature names `output_0`, as `model.export()` does.
 
-Writes are atomic on a local filesystem: the SavedModel is written into a
-directory `.{name}.tmp-XXXXXXXX` next to `export_dir` and renamed into place, so
-`export_dir` never holds a half-written SavedModel, and a previous export there
-is moved aside (`.{name}.old-XXXXXXXX`) and deleted only once the new one is in
-place; if the export fails, the previous one stays where it was. (A process
-killed between those two renames leaves the previous export in the `.old-`
-directory.) Remote paths (`gs://`, ...) are not supported.
+Writes are atomic and durable on a local file system (`tfmp._io.atomic_path`):
+the SavedModel is written into a hidden directory `.tmp-<host>-<pid>-<random>-<name>`
+next to `export_dir`, fsynced and renamed into place, so `export_dir` never
+holds a half-written SavedModel; a previous export there is moved aside and
+deleted only once the new one is in place, and if the export fails it stays
+where it was. A temporary directory left by a killed export is removed by the
+next export to the same `export_dir`, once its process is dead (a process of
+this host whose pid is gone: a live export's directory is never touched).
+Only a directory holding nothing but a SavedModel's own entries
+(`saved_model.pb`, `fingerprint.pb`, `variables/`, `assets/`) is replaced; one
+with anything else in it (a user's file, `assets.extra/`) is refused.
+Remote paths (`gs://`, ...) are not supported.
 
 Example:
 
@@ -38,17 +43,23 @@ Example:
 from __future__ import annotations
 
 import os
-import secrets
-import shutil
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import keras
 
+from tfmp import _io
+
 SERVING_DTYPES = ("float32", "float16", "bfloat16")
 ENDPOINT = "serve"
 SIGNATURE = "serving_default"
 _SAVED_MODEL_FILES = ("saved_model.pb", "saved_model.pbtxt")
+# What a SavedModel directory holds: files, directories, and what `variables/` holds.
+_SAVED_MODEL_ENTRIES = {"saved_model.pb": False, "saved_model.pbtxt": False,
+                        "fingerprint.pb": False, "keras_metadata.pb": False,
+                        "variables": True, "assets": True}
+_VARIABLES_FILE = re.compile(r"^variables\.(index|data-\d{5}-of-\d{5})$")
 
 
 def _tf():
@@ -164,9 +175,16 @@ def _serving_fn(model: keras.Model, structure, serving_dtype: str) -> Callable:
 def check_export_dir(export_dir: str | os.PathLike) -> str:
     """Checks that `export_dir` can be written (before any training), and returns it absolute.
 
+    Args:
+        export_dir: The SavedModel directory to write later.
+
+    Returns:
+        `export_dir` as an absolute path.
+
     Raises:
         ValueError: for a remote path (`gs://...`: the atomic rename needs a local
-            file system), or an existing path that is neither empty nor a SavedModel.
+            file system), or an existing path that is neither empty nor a
+            SavedModel with nothing else in it (the message lists the other entries).
     """
     path = os.fspath(export_dir)
     if "://" in path:
@@ -179,7 +197,7 @@ def check_export_dir(export_dir: str | os.PathLike) -> str:
 
 
 def _check_replaceable(export_dir: str) -> None:
-    """Refuses to replace anything but an empty directory or a previous SavedModel."""
+    """Refuses to replace anything but an empty directory or a SavedModel and nothing else."""
     if not os.path.lexists(export_dir):
         return
     if not os.path.isdir(export_dir) or os.path.islink(export_dir):
@@ -187,65 +205,30 @@ def _check_replaceable(export_dir: str) -> None:
             "`export_dir` exists and is not a directory (or is a symbolic link). Received: "
             f"export_dir={export_dir!r}; pass a new path or a previous SavedModel directory."
         )
-    entries = os.listdir(export_dir)
+    entries = sorted(os.listdir(export_dir))
     if entries and not any(name in entries for name in _SAVED_MODEL_FILES):
         raise ValueError(
             f"`export_dir` is a non-empty directory that holds no SavedModel; refusing to "
             f"replace it. Received: export_dir={export_dir!r}; pass a new path, an empty "
             "directory or a previous SavedModel directory."
         )
-
-
-def _make_sibling_dir(parent: str, prefix: str) -> str:
-    """Creates a new directory `parent/prefix<random>` with the usual (umask) permissions.
-
-    `tempfile.mkdtemp` would make it 0700, and the renamed SavedModel would then
-    be unreadable to a server running as another user.
-    """
-    for _ in range(100):
-        path = os.path.join(parent, f"{prefix}{secrets.token_hex(4)}")
-        try:
-            os.mkdir(path)
-            return path
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"Could not create a temporary directory in {parent!r}.")
-
-
-def _write_atomically(export_dir: str, write: Callable[[str], None]) -> None:
-    """Calls `write(tmp_dir)` next to `export_dir`, then swaps the result into place.
-
-    On failure the temporary directory is removed and any previous `export_dir`
-    is left as it was. The previous export is deleted only after the new one is
-    in place.
-    """
-    parent, name = os.path.split(export_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp_dir = _make_sibling_dir(parent, f".{name}.tmp-")
-    old_dir = None
-    try:
-        write(tmp_dir)
-        if os.path.lexists(export_dir):
-            old_dir = _make_sibling_dir(parent, f".{name}.old-")
-            old_path = os.path.join(old_dir, name)
-            os.rename(export_dir, old_path)
-            try:
-                os.rename(tmp_dir, export_dir)
-            except BaseException:
-                os.rename(old_path, export_dir)  # Put the previous export back.
-                raise
-        else:
-            os.rename(tmp_dir, export_dir)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        if old_dir is not None:
-            try:
-                os.rmdir(old_dir)  # Only if empty: never deletes the previous export.
-            except OSError:
-                pass
-        raise
-    if old_dir is not None:
-        shutil.rmtree(old_dir, ignore_errors=True)
+    unexpected = []
+    for name in entries:
+        path = os.path.join(export_dir, name)
+        is_dir = os.path.isdir(path) and not os.path.islink(path)
+        if name not in _SAVED_MODEL_ENTRIES or _SAVED_MODEL_ENTRIES[name] != is_dir or (
+                not is_dir and not os.path.isfile(path)):
+            unexpected.append(name)
+        elif name == "variables":
+            unexpected += [f"variables/{v}" for v in sorted(os.listdir(path))
+                           if not _VARIABLES_FILE.match(v)
+                           or not os.path.isfile(os.path.join(path, v))]
+    if unexpected:
+        raise ValueError(
+            f"`export_dir` holds a SavedModel and entries that are not part of one: "
+            f"{unexpected}; refusing to replace it (that would delete them). Received: "
+            f"export_dir={export_dir!r}; move them away or pass another path."
+        )
 
 
 def export_saved_model(
@@ -265,8 +248,8 @@ def export_saved_model(
     Args:
         model: A built functional or Sequential `keras.Model` (any dtype policy).
         export_dir: Local directory to write. If it exists it must be empty or hold
-            a previous SavedModel, which is replaced only once the new one is
-            complete.
+            a previous SavedModel and nothing else, which is replaced only once
+            the new one is complete.
         serving_dtype: Dtype of the signature's floating inputs and outputs: one of
             `"float32"`, `"float16"`, `"bfloat16"`.
 
@@ -294,7 +277,8 @@ def export_saved_model(
     # attribute: `TFSMLayer(call_endpoint="serving_default")` then calls it with the
     # input structure (a signature function takes keyword arguments only).
     archive.add_endpoint(SIGNATURE, serve)
-    _write_atomically(export_dir, lambda tmp_dir: archive.write_out(tmp_dir, verbose=False))
+    with _io.atomic_path(export_dir) as tmp_dir:
+        archive.write_out(tmp_dir, verbose=False)
     return export_dir
 
 

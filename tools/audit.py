@@ -10,12 +10,17 @@ image classifier at initialisation and audits it on synthetic 32x32 images.
 Writes `report.json` (see `tfmp.audit.AuditReport.to_dict`) and `audit.png`
 (per-layer activation range against float16's limits, and the gradient
 histogram) into `--out_dir` (default: the current directory), and prints the
-table. The model is loaded with `safe_mode=True` and the data with
-`allow_pickle=False`. Bad input prints one `error:` line on stderr and exits
-with status 1 (TensorFlow's C++ start-up lines may also reach stderr).
+table. Both files are written atomically (a hidden temporary renamed into
+place), so a failed run keeps the previous ones. NaN or inf values in the data
+are reported (`nonfinite_inputs` and a line of the table), not an error. The
+model is loaded with `safe_mode=True` and the data with `allow_pickle=False`.
+An `--out_dir` that cannot take the files (a file, a `report.json` or
+`audit.png` that is a directory, a directory that cannot be written) is
+refused before any work: one `error:` line on stderr and exit status 2. Other
+bad input prints one `error:` line and exits with status 1 (TensorFlow's C++
+start-up lines may also reach stderr).
 """
 
-import json
 import os
 import zipfile
 from collections.abc import Callable
@@ -24,6 +29,7 @@ from typing import Any
 from absl import app, flags
 
 import tfmp
+from tfmp import _io
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 FLAGS = flags.FLAGS
@@ -31,6 +37,48 @@ FLAGS = flags.FLAGS
 
 
 _POLICIES = ("mixed_float16", "mixed_bfloat16", "model")
+_OUTPUTS = ("report.json", "audit.png")
+
+
+def check_out_dir(out_dir: str) -> str:
+    """Refuses an `out_dir` that cannot take `report.json` and `audit.png`, before any work.
+
+    Args:
+        out_dir: The output directory (created later if missing).
+
+    Returns:
+        `out_dir`.
+
+    Raises:
+        ValueError: if `out_dir` or one of its existing parents is not a
+            directory, an output file's path is a directory, or the nearest
+            existing directory cannot be written (tried with a file created and
+            removed at once).
+    """
+    if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"`out_dir` exists and is not a directory. Received: out_dir={out_dir!r}")
+    for name in _OUTPUTS:
+        path = os.path.join(out_dir, name)
+        if os.path.lexists(path) and not os.path.isfile(path):
+            raise ValueError(
+                f"`out_dir` holds a {name} that is not a file ({path!r}); refusing to replace "
+                f"it. Received: out_dir={out_dir!r}")
+    existing = os.path.abspath(out_dir)
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(
+            f"`out_dir` is inside {existing!r}, which is not a directory. Received: "
+            f"out_dir={out_dir!r}")
+    probe = _io.temp_path(os.path.join(existing, "probe"))
+    try:
+        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(
+            f"`out_dir` cannot be written: {existing!r} refuses new files ({e.strerror}). "
+            f"Received: out_dir={out_dir!r}") from None
+    return out_dir
 
 
 def _load_batch(path: str) -> tuple[Any, Any]:
@@ -70,7 +118,8 @@ def audit(*, model_path: str | None = None, data_path: str | None = None,
         loss: A Keras loss name; defaults to the compiled loss (sparse
             categorical cross-entropy for `recipe_model`).
         loss_scale: The scale for the scaled gradient underflow share.
-        out_dir: Directory for `report.json` and `audit.png` (created if missing).
+        out_dir: Directory for `report.json` and `audit.png` (created if missing;
+            checked first, see `check_out_dir`).
         print_fn: Called with the table.
 
     Returns:
@@ -80,6 +129,7 @@ def audit(*, model_path: str | None = None, data_path: str | None = None,
 
         audit(recipe_model="resnet_mini", batch_size=4, out_dir="/tmp/audit")
     """
+    check_out_dir(out_dir)
     if (model_path is None) == (recipe_model is None):
         raise ValueError(
             "give either --model (with --data) or --recipe_model. Received: "
@@ -106,14 +156,12 @@ def audit(*, model_path: str | None = None, data_path: str | None = None,
     report = tfmp.audit.audit_model(
         model, x, y, loss=loss, policy=None if policy == "model" else policy,
         loss_scale=loss_scale)
-    os.makedirs(out_dir, exist_ok=True)
     result = report.to_dict()
-    with open(os.path.join(out_dir, "report.json"), "w") as f:
-        json.dump(result, f, indent=2, allow_nan=False)
-    report.plot(os.path.join(out_dir, "audit.png"))
+    report_path, plot_path = (os.path.join(out_dir, name) for name in _OUTPUTS)
+    _io.write_json_atomically(report_path, result)
+    report.plot(plot_path)
     print_fn(report.table())
-    print_fn(f"Wrote {os.path.join(out_dir, 'report.json')} and "
-             f"{os.path.join(out_dir, 'audit.png')}.")
+    print_fn(f"Wrote {report_path} and {plot_path}.")
     return result
 
 
@@ -139,6 +187,8 @@ def _define_flags() -> None:
 
 
 def main(argv):
+    with tfmp.cli.one_line_errors(exit_code=2):  # Usage errors, before any work.
+        check_out_dir(FLAGS.out_dir)
     with tfmp.cli.one_line_errors():
         if len(argv) > 1:
             raise ValueError(f"unexpected arguments: {argv[1:]}")

@@ -4,7 +4,10 @@ python -m tools.export_savedmodel --model=model.keras --export_dir=/tmp/serving/
     [--serving_dtype=float32]
 
 The model is loaded with `safe_mode=True` (no Lambda code, no pickles) and without
-its optimizer. Bad input prints one `error:` line on stderr and exits with status 1.
+its optimizer. An `--export_dir` that `tfmp.export.check_export_dir` refuses (a
+directory with files that are not a SavedModel's) is refused before the model is
+loaded. The SavedModel is written atomically (see `tfmp.export`). Bad input prints
+one `error:` line on stderr and exits with status 1.
 (TensorFlow's C++ start-up lines, `I0000 ... port.cc ...` and the like, may also
 reach stderr: TF 2.21 prints some of them whatever `TF_CPP_MIN_LOG_LEVEL` says.)
 """
@@ -34,7 +37,7 @@ def export_savedmodel(model_path: str, export_dir: str, serving_dtype: str = "fl
     Args:
         model_path: Path of a `.keras` file.
         export_dir: SavedModel directory to write (replaced atomically if it holds
-            a previous SavedModel).
+            a previous SavedModel and nothing else).
         serving_dtype: One of `"float32"`, `"float16"`, `"bfloat16"`.
 
     Returns:
@@ -45,6 +48,7 @@ def export_savedmodel(model_path: str, export_dir: str, serving_dtype: str = "fl
         print(export_savedmodel("model.keras", "/tmp/serving/1"))
     """
     tfmp.export.validate_serving_dtype(serving_dtype)
+    tfmp.export.check_export_dir(export_dir)  # Refused before the model is loaded.
     model = tfmp.cli.load_keras_file(model_path, argument="--model")
     path = tfmp.export.export_saved_model(model, export_dir, serving_dtype=serving_dtype)
     sig = tfmp.export.serving_signature(path)
