@@ -1,5 +1,6 @@
 """Tests for tfmp.loss_scale: the pure state transition, table-driven."""
 
+import keras
 import numpy as np
 from absl.testing import parameterized
 from keras import ops
@@ -12,7 +13,7 @@ _RULE = ScaleRule(dynamic=True, growth_steps=3, growth_factor=2.0, backoff_facto
 
 
 def _state(counter, scale, hyst, skipped, consecutive):
-    return LossScaleState(*[ops.convert_to_tensor(np.asarray(v, dtype))
+    return LossScaleState(*[ops.convert_to_tensor(v, keras.backend.standardize_dtype(dtype))
                             for v, dtype in zip((counter, scale, hyst, skipped, consecutive),
                                                 STATE_DTYPES, strict=True)])
 
@@ -39,4 +40,5 @@ class NextStateTest(TestCase):
         self.assertIsInstance(new, LossScaleState)
         self.assertEqual(_values(new), after)
         for value, dtype in zip(new, STATE_DTYPES, strict=True):
-            self.assertEqual(str(ops.convert_to_numpy(value).dtype), dtype)
+            self.assertEqual(str(ops.convert_to_numpy(value).dtype),
+                             keras.backend.standardize_dtype(dtype))

@@ -98,6 +98,22 @@ class SixteenBitGradientTest(TestCase):
         self.assertAllClose(ops.cast(v, "float32"), [expected] * 2, rtol=2e-3, atol=0)
         self.assertNotEqual(float(ops.convert_to_numpy(ops.cast(v, "float32"))[0]), 1.0)
 
+    @parameterized.named_parameters(("global_clipnorm", {"global_clipnorm": 1.0}),
+                                    ("clipnorm", {"clipnorm": 1.0}), ("adam", {}))
+    def test_float16_variables_with_float16_sums(self, kwargs):
+        # Keras sums float16 squares in float16: 100x100 gradients of 20 sum to 4e6.
+        keras.config.set_dtype_policy("float16")
+        v = keras.Variable(np.ones((100, 100), "float32"), dtype="float16")
+        inner = (keras.optimizers.Adam(1e-3) if not kwargs
+                 else keras.optimizers.SGD(1e-3, **kwargs))
+        opt = tfmp.LossScaleOptimizer(inner, initial_scale=1.0)
+        opt.apply([ops.full((100, 100), 20.0, "float16")], [v])
+        self.assertTrue(bool(opt.last_step_skipped))
+        self.assertTrue(_all_finite([v] + opt.variables))
+        opt.apply([ops.full((100, 100), 0.5, "float16")], [v])  # a sum of 2500 is fine
+        self.assertFalse(bool(opt.last_step_skipped))
+        self.assertTrue(_all_finite([v] + opt.variables))
+
     def test_stock_updates_the_float16_variable(self):
         keras.config.set_dtype_policy("float16")
         v = keras.Variable(np.ones(2, "float32"), dtype="float16")
@@ -252,6 +268,30 @@ class GuardStateTest(TestCase):
         evaluated = model.evaluate(x, y, verbose=0)
         self.assertTrue(np.isfinite(evaluated))
         self.assertTrue(_all_finite([model.predict(x, verbose=0)]))
+
+    @parameterized.named_parameters(("subclassed", True), ("sequential_without_input", False))
+    def test_model_built_by_its_first_batch_is_guarded(self, subclassed):
+        class Sub(keras.Model):
+            def __init__(self):
+                super().__init__()
+                self.d, self.bn = keras.layers.Dense(8), keras.layers.BatchNormalization()
+                self.o = keras.layers.Dense(1)
+
+            def call(self, x, training=False):
+                return self.o(self.bn(self.d(x), training=training))
+
+        keras.utils.set_random_seed(0)
+        model = Sub() if subclassed else keras.Sequential(
+            [keras.layers.Dense(8), keras.layers.BatchNormalization(), keras.layers.Dense(1)])
+        opt = tfmp.LossScaleOptimizer(keras.optimizers.SGD(0.01))
+        model.compile(optimizer=opt, loss="mse")
+        x, y = _data(16)
+        x[12, 0] = np.nan  # the second batch
+        model.fit(x, y, batch_size=8, shuffle=False, verbose=0,
+                  callbacks=[tfmp.callbacks.LossScaleMonitor()])
+        self.assertEqual(opt.stats()["skipped_steps"], 1)
+        self.assertEqual(len(opt._guarded), 2)
+        self.assertTrue(_all_finite(model.non_trainable_variables))
 
     def test_stock_writes_nan_into_statistics(self):
         keras.config.set_dtype_policy("mixed_float16")

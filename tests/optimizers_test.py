@@ -144,7 +144,8 @@ class DynamicsTest(TestCase):
         ("squares_finite", [1e19, 1e19], "float32", False),
         ("tiny", [1e-30, -1e-30], "float32", False),
         ("float16_square_past_65504", [300.0, 1.0], "float16", True),
-        ("float16_squares_finite", [255.0, -255.0], "float16", False),
+        ("float16_squares_sum_past_65504", [255.0, -255.0], "float16", True),
+        ("float16_squares_finite", [180.0, -180.0], "float16", False),
         ("float16_inf", [np.inf, 1.0], "float16", True),
         ("bfloat16_large", [1e18, 1e18], "bfloat16", False),
     )
@@ -304,14 +305,63 @@ class CustomLoopTest(TestCase):
         v = _var([1.0, 1.0])
         opt = tfmp.LossScaleOptimizer(keras.optimizers.SGD(1.0), initial_scale=1024.0)
         opt.build([v])
-        opt.get_unscaled_gradients([_grad([1024.0, 1024.0])])  # returned, then dropped
-        opt.apply([_grad([2048.0, 2048.0])], [v])  # the scaled gradients of [2, 2]
+        # Step 1 scales its loss and unscales its gradients, then is abandoned.
+        opt.get_scaled_loss(1.0)
+        opt.get_unscaled_gradients([_grad([1024.0, 1024.0])])
+        # Step 2, Keras 3 style: the scaled gradients of [2, 2].
+        opt.scale_loss(1.0)
+        opt.apply([_grad([2048.0, 2048.0])], [v])
         self.assertAllClose(v, [-1.0, -1.0])
-        # A sum of unscaled gradients is still taken as unscaled.
-        g1 = opt.get_unscaled_gradients([_grad([1024.0, 0.0])])[0]
-        g2 = opt.get_unscaled_gradients([_grad([0.0, 2048.0])])[0]
-        opt.apply([g1 + g2], [v])
-        self.assertAllClose(v, [-2.0, -3.0])
+
+    @parameterized.named_parameters(("eager", False), ("tf_function", True))
+    def test_unscaled_gradients_may_be_clipped_or_summed_before_apply(self, compiled):
+        v = _var([0.0, 0.0])
+        opt = tfmp.LossScaleOptimizer(keras.optimizers.SGD(1.0), initial_scale=2.0**15)
+        opt.build([v])
+
+        def step(g1, g2):
+            opt.get_scaled_loss(1.0)
+            a = opt.get_unscaled_gradients([g1])[0]
+            b = opt.get_unscaled_gradients([g2])[0]  # two micro-batches, summed
+            clipped, _ = tf.clip_by_global_norm([a + b], 1.0)  # PyTorch's unscale_-then-clip
+            opt.apply(clipped, [v])
+
+        step = tf.function(step) if compiled else step
+        scale = 2.0**15
+        step(_grad([600.0 * scale, 0.0]), _grad([0.0, 800.0 * scale]))  # norm 1000 -> 1
+        self.assertAllClose(v, [-0.6, -0.8], rtol=1e-5)
+
+    def test_unscaled_gradients_per_replica(self):
+        # Each replica unscales its own gradients; the all-reduce sums them once.
+        strategy = two_replica_strategy()
+        with strategy.scope():
+            v = keras.Variable(np.zeros(2, "float32"))
+            opt = tfmp.LossScaleOptimizer(keras.optimizers.SGD(1.0), initial_scale=2.0**15)
+            opt.build([v])
+
+        @tf.function
+        def step():
+            def replica_fn():
+                rid = tf.distribute.get_replica_context().replica_id_in_sync_group
+                true = tf.ones(2) * tf.gather(tf.constant([1.0, 300.0]), rid)
+                opt.scale_loss(1.0)
+                opt.apply(opt.get_unscaled_gradients([true * 2.0**15]), [v])
+            strategy.run(replica_fn)
+
+        step()
+        for value in strategy.experimental_local_results(v):
+            self.assertAllClose(value, [-301.0, -301.0])
+
+    def test_unscaling_keeps_overwrite_with_gradient_variables(self):
+        w, amax = _var([0.0, 0.0]), _var([0.0, 0.0])
+        amax.overwrite_with_gradient = True  # float8 scale/amax variables
+        opt = tfmp.LossScaleOptimizer(keras.optimizers.SGD(1.0), initial_scale=1024.0)
+        opt.apply(opt.get_unscaled_gradients([_grad([1024.0, 1024.0]), _grad([3.0, 5.0])]),
+                  [w, amax])
+        self.assertAllClose(w, [-1.0, -1.0])
+        self.assertAllClose(amax, [3.0, 5.0])
+        opt.apply([_grad([1024.0, 1024.0]), _grad([4.0, 6.0])], [w, amax])
+        self.assertAllClose(amax, [4.0, 6.0])
 
     def test_stock_has_no_tf_keras_api(self):
         stock = STOCK(keras.optimizers.SGD(0.05))
@@ -521,6 +571,8 @@ class ValidationTest(TestCase):
          r"grows\). Received: dynamic_growth_steps=7"),
         ("growth_steps_float", dict(dynamic_growth_steps=2.5), "`dynamic_growth_steps` must be"),
         ("hysteresis_bool", dict(hysteresis=True), "`hysteresis` must be an integer >= 1"),
+        ("scaling_without_skipping", dict(skip_nonfinite=False),
+         "`skip_nonfinite` must be True when enabled=True"),
     )
     def test_bad_arguments(self, kwargs, message):
         with self.assertRaisesRegex(ValueError, message):
@@ -565,8 +617,14 @@ class ValidationTest(TestCase):
         opt.build([a, b])
         with self.assertRaisesRegex(ValueError, "Received: 2 gradients for 0 variables"):
             opt.apply([_grad([1.0, 1.0])] * 2, [])
+        # A failed first call does not build the optimizer on the wrong variables.
+        fresh = tfmp.LossScaleOptimizer(keras.optimizers.SGD(1.0), initial_scale=1.0)
+        with self.assertRaisesRegex(ValueError, "Received: 1 gradients for 0 variables"):
+            fresh.apply([_grad([1.0, 1.0])], [])
+        self.assertFalse(fresh.built)
+        fresh.apply([_grad([1.0, 1.0])], [a])
+        self.assertAllClose(a, [0.0, 1.0])
         opt.apply([], [])  # nothing to apply
-        self.assertAllClose(a, [1.0, 2.0])
         self.assertAllClose(b, [1.0, 2.0])
         self.assertEqual(_int(opt.iterations), 0)
 

@@ -8,11 +8,6 @@ from keras import ops
 FLOAT16_MAX = 65504.0
 FLOAT32_MAX = 3.4028234663852886e38
 FLOAT32_TINY = 2.0**-126  # smallest normal float32
-# A float16 gradient element past this has a square that overflows float16: the
-# second moment of Adam-type optimizers (kept in the variable's dtype) would be inf.
-_FLOAT16_SQRT_MAX = FLOAT16_MAX**0.5
-
-
 def is_slices(g) -> bool:
     """Whether `g` is a sparse gradient of rows (`tf.IndexedSlices`), without importing TF."""
     return hasattr(g, "indices") and hasattr(g, "values") and hasattr(g, "dense_shape")
@@ -50,7 +45,9 @@ def squared_norm(g):
     on the values only (memory and time do not grow with the vocabulary), times
     the number of rows, which bounds the squared norm of the dense gradient
     when rows repeat an index (Cauchy-Schwarz). For float16 gradients, inf as
-    soon as one element's square overflows float16.
+    soon as the sum passes float16's range: Keras' `clipnorm` and
+    `global_clipnorm` sum the squares in the gradient's dtype, and Adam-type
+    second moments of float16 variables hold the squares in float16.
 
     Args:
         g: A gradient (dense tensor or `tf.IndexedSlices`).
@@ -68,6 +65,5 @@ def squared_norm(g):
     if rows is not None:
         total = total * ops.maximum(rows, 1.0)
     if dtype == "float16":
-        too_big = ops.greater(ops.max(ops.abs(g32), initial=0.0), _FLOAT16_SQRT_MAX)
-        total = ops.where(too_big, float("inf"), total)
+        total = ops.where(ops.greater(total, FLOAT16_MAX), float("inf"), total)
     return total

@@ -108,9 +108,7 @@ class LossScaleMonitor(keras.callbacks.Callback):
 
             self._writer = tf.summary.create_file_writer(self.log_dir)
         if self.guard_state and hasattr(opt, "guard_state"):
-            before = len(opt._guarded)
-            opt.guard_state(self.model)
-            if len(opt._guarded) > before and getattr(self.model, "train_function", None):
+            if opt.guard_state(self.model) and getattr(self.model, "train_function", None):
                 self.model.make_train_function(force=True)  # traced without the guard
             # Restores (BackupAndRestore) may still load weights in on_train_begin.
             self._sync_before_first_step = True

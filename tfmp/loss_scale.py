@@ -23,14 +23,14 @@ class LossScaleState(NamedTuple):
 
     Attributes:
         step_counter: Finite steps since the scale last grew or since the last
-            non-finite step (int32); the scale grows when it reaches
+            non-finite step (int64); the scale grows when it reaches
             `dynamic_growth_steps`.
         loss_scale: The current loss scale (float32), always in
             `[min_scale, max_scale]`.
         hysteresis_left: Non-finite steps still tolerated before the scale is
-            lowered (int32); reset to `hysteresis` on every growth.
-        skipped_steps: Total steps skipped for non-finite gradients (int32).
-        consecutive_skipped: Steps skipped in a row (int32; 0 after an applied step).
+            lowered (int64); reset to `hysteresis` on every growth.
+        skipped_steps: Total steps skipped for non-finite gradients (int64).
+        consecutive_skipped: Steps skipped in a row (int64; 0 after an applied step).
     """
 
     step_counter: Any
@@ -40,8 +40,9 @@ class LossScaleState(NamedTuple):
     consecutive_skipped: Any
 
 
-# Variable dtypes, in the order the optimizer creates (and saves) them.
-STATE_DTYPES = LossScaleState("int32", "float32", "int32", "int32", "int32")
+# Variable dtypes, in the order the optimizer creates (and saves) them ("int" is
+# Keras' default integer, int64: as saved by tfmp 0.1, so its checkpoints restore).
+STATE_DTYPES = LossScaleState("int", "float32", "int", "int", "int")
 
 
 @dataclasses.dataclass(frozen=True)

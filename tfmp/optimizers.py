@@ -47,10 +47,18 @@ def _boolean(argument: str, value) -> bool:
     return bool(value)
 
 
-def _in_stateless_scope() -> bool:
+def _can_assign(value) -> bool:
+    """Whether a variable may be assigned here: not in Keras' stateless scope (JAX
+    `fit`), nor while `jax.jit` traces `value` (a tracer must not reach a variable)."""
     from keras.src.backend.common import stateless_scope
 
-    return stateless_scope.in_stateless_scope()
+    if stateless_scope.in_stateless_scope():
+        return False
+    if keras.backend.backend() == "jax":
+        import jax
+
+        return not isinstance(value, jax.core.Tracer)
+    return True
 
 
 @keras.saving.register_keras_serializable(package="tfmp")
@@ -73,7 +81,7 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
         if tf.distribute: g = all_reduce_sum(g)   # before the check and the clipping
         n_i = sum(g_i ** 2) in float32        # per variable; sparse: on the values
         finite = isfinite(sum_i n_i)          # every element, square and the global norm
-        #  (float16 gradients: also every element's square finite in float16)
+        #  (float16 gradients: also sum of n_i over them <= 65504, float16's largest)
         if not (skip_nonfinite or enabled): finite = True
         if finite:
             inner_optimizer.apply(g)          # clipping, weight decay, EMA, accumulation
@@ -190,6 +198,9 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
         hysteresis = _integer("hysteresis", hysteresis)
         enabled = _boolean("enabled", enabled)
         skip_nonfinite = _boolean("skip_nonfinite", skip_nonfinite)
+        _check(skip_nonfinite or not enabled, "skip_nonfinite", skip_nonfinite,
+               "True when enabled=True (a scaled step that overflows must be skipped, and the "
+               "scale lowered)")
         super().__init__(inner_optimizer, initial_scale, growth_steps, name=name, **kwargs)
         inner_optimizer._tfmp_wrapper = weakref.ref(self)
         self.initial_scale = initial_scale
@@ -213,8 +224,8 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
         """Creates the state at construction, so a `tf.function` traced before the
         first apply reads the variables (not the initial numbers)."""
         with keras.name_scope(self.name, caller=self):
-            # 1 after `get_unscaled_gradients`: the next apply does not divide again
-            # if its gradients are the ones returned (see `_prepare`).
+            # Saved by tfmp 0.1 at this position, so kept for the files' layout; unused
+            # (the flag is now `_unscaled_this_step`, one per replica, not saved).
             self.grads_unscaled = keras.Variable(  # an initializer: a buffer of its own
                 keras.initializers.Zeros(), shape=(), name="grads_unscaled", dtype="int32",
                 trainable=False, aggregation="only_first_replica")  # tracked on assignment
@@ -232,8 +243,9 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
         # optimizer's variable list so that saved files keep their layout.
         with keras.name_scope(self.name, caller=self):
             untracked = {
-                # sum(g**2) of the first gradient `get_unscaled_gradients` returned.
-                "_unscaled_fingerprint": ("float32", "only_first_replica", "auto"),
+                # 1 once `get_unscaled_gradients` ran in this step: set back to 0 by
+                # `scale_loss` (a new step) and by `apply` (the step is done).
+                "_unscaled_this_step": ("int32", "only_first_replica", "on_read"),
                 # 1 when the loss last given to `scale_loss` on this replica was non-finite.
                 "_loss_nonfinite": ("int32", "only_first_replica", "on_read"),
                 # Skipped steps whose loss was non-finite (data or forward pass).
@@ -243,7 +255,8 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
                 object.__setattr__(self, attr, keras.Variable(
                     keras.initializers.Zeros(), shape=(), dtype=dtype, trainable=False,
                     name=attr.strip("_"), aggregation=aggregation, synchronization=sync))
-        object.__setattr__(self, "_guarded", [])
+        object.__setattr__(self, "_guarded", [])  # (variable, shadow) pairs
+        object.__setattr__(self, "_guarded_layers", [])  # weak references
 
     @keras.src.utils.tracking.no_automatic_dependency_tracking
     def build(self, var_list):
@@ -327,16 +340,19 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
         return next_state(finite, LossScaleState(*state), self._rule)
 
     # ------------------------------------------------------ guarded state
-    def guard_state(self, variables) -> None:
+    def guard_state(self, variables) -> bool:
         """Restores `variables` to their values before the step on every skipped step.
 
         A forward pass updates non-trainable state before the optimizer sees the
         gradients: one NaN pixel writes NaN into every batch-normalisation
         `moving_mean`/`moving_variance`. Guarded variables get a shadow copy
-        (memory: one copy of them; time: one `where` and two assigns each per
-        step); on a skipped step they are set back to it. Call it eagerly, after
-        building (and after restoring any checkpoint), before the train step is
-        traced. `tfmp.callbacks.LossScaleMonitor` does it for `fit`. Works with
+        (memory: one copy of them, frozen layers' weights included; time: one
+        `where` and two assigns each per step); on a skipped step they are set
+        back to it. Given a model or layer, variables it creates later (a model
+        built by its first batch) are guarded too, from the next traced or eager
+        step on. Call it eagerly, before the train step is traced, and after
+        restoring any checkpoint (or call `sync_guarded_state`).
+        `tfmp.callbacks.LossScaleMonitor` does it for `fit`. Works with
         `apply`/`apply_gradients` on every backend; JAX's stateless `fit` path
         returns the model's non-trainable state outside the optimizer and is
         not guarded.
@@ -345,27 +361,50 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
             variables: A model or layer (its `non_trainable_variables`) or a list
                 of variables. Variables already guarded are kept once.
 
+        Returns:
+            Whether anything new is guarded (a traced train step must be traced again).
+
         Example:
 
             opt.guard_state(model)
         """
+        new = False
         if isinstance(variables, keras.layers.Layer):
+            if all(ref() is not variables for ref in self._guarded_layers):
+                self._guarded_layers.append(weakref.ref(variables))
+                new = True
             variables = variables.non_trainable_variables
+        added = self._guard(variables)
+        if added:
+            self.sync_guarded_state()
+        return new or added
+
+    def _guard(self, variables) -> bool:
         known = {id(v) for v, _ in self._guarded}
+        added = False
         for v in variables:
             if id(v) in known or not isinstance(v, keras.Variable):
                 continue
             known.add(id(v))
             self._guarded.append((v, self._shadow(v)))
-        self.sync_guarded_state()
+            added = True
+        return added
+
+    def _guard_new_layer_variables(self) -> None:
+        """Guards variables the guarded layers created since (at the first trace or
+        eager step that sees them; their shadows start from their current values)."""
+        for ref in self._guarded_layers:
+            layer = ref()
+            if layer is not None:
+                self._guard(layer.non_trainable_variables)
 
     @staticmethod
     def _shadow(v):
         strategy = _strategy_of(v)
         with strategy.scope() if strategy is not None else contextlib.nullcontext():
             return keras.Variable(
-                keras.initializers.Zeros(), shape=v.shape, dtype=v.dtype, trainable=False,
-                autocast=False, aggregation=v.aggregation,
+                lambda shape, dtype: ops.copy(v.value), shape=v.shape, dtype=v.dtype,
+                trainable=False, autocast=False, aggregation=v.aggregation,
                 synchronization=getattr(v, "synchronization", "auto"),
                 name=f"{v.name}_before_step")
 
@@ -384,6 +423,7 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
             strategy.run(copy)
 
     def _restore_guarded(self, finite):
+        self._guard_new_layer_variables()
         for v, shadow in self._guarded:
             value = ops.where(finite, v.value, shadow.value)
             v.assign(value)
@@ -393,12 +433,15 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
     def scale_loss(self, loss):
         """Returns `loss * loss_scale` (float32), or `loss` when disabled.
 
-        Also notes whether the loss is finite, so a skipped step can be told
-        apart from a loss-scale overflow (`nonfinite_loss_steps`).
+        Also starts a step: it notes whether the loss is finite, so a skipped
+        step can be told apart from a loss-scale overflow
+        (`nonfinite_loss_steps`), and forgets gradients unscaled by
+        `get_unscaled_gradients` in an earlier step that were never applied.
         """
-        if not _in_stateless_scope():
+        if _can_assign(loss):
             self._loss_nonfinite.assign(
                 ops.cast(ops.logical_not(ops.all(ops.isfinite(loss))), "int32"))
+            self._unscaled_this_step.assign(ops.zeros((), "int32"))
         if not self.enabled:
             return loss
         return ops.multiply(ops.cast(loss, "float32"), self.loss_scale)
@@ -410,13 +453,12 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
     def get_unscaled_gradients(self, grads):
         """Divides gradients of a scaled loss by the scale (tf-keras API).
 
-        The next `apply`/`apply_gradients` then takes its gradients as already
-        unscaled and does not divide them again (also when this runs in one
-        `tf.function` and the apply in another), provided they are the
-        gradients returned here: it compares their first gradient's squared
-        norm with the one returned. Scaled gradients differ from it by the
-        scale squared, so gradients unscaled here but never applied do not make
-        the next step skip its unscaling.
+        The next `apply`/`apply_gradients` of the same step then takes its
+        gradients as already unscaled and does not divide them again (also when
+        this runs in one `tf.function` and the apply in another); clip or sum
+        them first if you like. A step starts at `scale_loss`/`get_scaled_loss`:
+        gradients unscaled in a step that was never applied do not make the
+        next step's apply skip its unscaling.
 
         Args:
             grads: A list of gradients (`None` entries are kept).
@@ -429,15 +471,16 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
             return grads
         out = [None if g is None else _numerics.divide_in_float32(g, self.dynamic_scale.value)
                for g in grads]
-        self._unscaled_fingerprint.assign(_first_norm(out))
-        self.grads_unscaled.assign(1)
+        self._unscaled_this_step.assign(ops.ones((), "int32"))
         return out
 
     # ----------------------------------------------------------------- apply
-    def _prepare(self, grads, trainable_variables, scale, unscaled_flag, fingerprint):
-        """Unscales `grads` unless they are the ones `get_unscaled_gradients` returned.
+    def _prepare(self, grads, trainable_variables, scale, unscaled_flag):
+        """Unscales `grads` unless `get_unscaled_gradients` did in this step.
 
-        Returns the gradients, the variables and the new value of the flag (0).
+        Gradients of `overwrite_with_gradient` variables are never unscaled (and
+        are scaled back if `get_unscaled_gradients` divided them). Returns the
+        gradients, the variables and the new value of the flag (0).
         """
         tvs = list(self._trainable_variables if trainable_variables is None
                    else trainable_variables)
@@ -447,24 +490,22 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
                 f"{len(grads)} gradients for {len(tvs)} variables.")
         if not self.enabled:
             return list(grads), tvs, ops.zeros_like(unscaled_flag)
-        # Within a factor `scale` of the returned norm: unscaled (scaled ones are
-        # `scale**2` away, and a sum of a few unscaled gradients stays within).
-        norm = _first_norm(grads)
-        factor = ops.maximum(scale, 1.0 / scale)
-        same = ops.logical_and(ops.greater_equal(norm * factor, fingerprint),
-                               ops.less_equal(norm, fingerprint * factor))
-        unscaled = ops.logical_and(ops.greater(unscaled_flag, 0), same)
+        unscaled = ops.greater(unscaled_flag, 0)
         divisor = ops.where(unscaled, ops.ones_like(scale), scale)
-        keep = [self._overwrite_variable_with_gradient(v) for v in tvs]
-        out = [g if (g is None or k) else _numerics.divide_in_float32(g, divisor)
-               for g, k in zip(grads, keep, strict=True)]
+        restore = ops.where(unscaled, 1.0 / scale, ops.ones_like(scale))
+        out = []
+        for g, v in zip(grads, tvs, strict=True):
+            if g is not None:
+                keep = self._overwrite_variable_with_gradient(v)
+                g = _numerics.divide_in_float32(g, restore if keep else divisor)
+            out.append(g)
         return out, tvs, ops.zeros_like(unscaled_flag)
 
     def _prepare_stateful(self, grads, trainable_variables):
         grads, tvs, flag = self._prepare(
-            grads, trainable_variables, self.dynamic_scale.value, self.grads_unscaled.value,
-            self._unscaled_fingerprint.value)
-        self.grads_unscaled.assign(flag)
+            grads, trainable_variables, self.dynamic_scale.value,
+            self._unscaled_this_step.value)
+        self._unscaled_this_step.assign(flag)
         return grads, tvs
 
     def _finite_mask(self, grads, trainable_variables):
@@ -475,14 +516,21 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
         (false as soon as any element, square or the sum overflows).
         """
         norms = [None] * len(self._trainable_variables)
+        float16_norms = []
         for g, v in zip(grads, trainable_variables, strict=True):
             if g is not None:
-                norms[self._get_variable_index(v)] = _numerics.squared_norm(g)
+                norm = _numerics.squared_norm(g)
+                norms[self._get_variable_index(v)] = norm
+                if _numerics.dtype_of(g) == "float16":
+                    float16_norms.append(norm)
         if not norms:
             return ops.ones((0,), "bool"), ops.convert_to_tensor(True)
         zero = ops.zeros((), "float32")
         norms = ops.stack([zero if n is None else n for n in norms])
         finite = ops.isfinite(ops.sum(norms))
+        if float16_norms:  # `global_clipnorm` adds the float16 sums up in float16
+            finite = ops.logical_and(finite, ops.less_equal(
+                ops.sum(ops.stack(float16_norms)), _numerics.FLOAT16_MAX))
         if not self.skip_nonfinite:
             finite = ops.convert_to_tensor(True)
         return ops.isfinite(norms), finite
@@ -493,6 +541,10 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
             trainable_variables = list(trainable_variables)
             if not grads and not trainable_variables:
                 return  # nothing to apply (as Keras' optimizers)
+            if len(grads) != len(trainable_variables):  # before building on a wrong list
+                raise ValueError(
+                    f"`grads` and `trainable_variables` must have the same length. Received: "
+                    f"{len(grads)} gradients for {len(trainable_variables)} variables.")
         if not self.built:
             if trainable_variables is None:
                 raise ValueError(
@@ -605,9 +657,7 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
         index = {id(v): i for i, v in enumerate(self._variables)}
         state_idx = [index[id(v)] for v in self._state_vars]
         scale = own[index[id(self.dynamic_scale)]]
-        flag_idx = index[id(self.grads_unscaled)]
-        grads, tvs, own[flag_idx] = self._prepare(
-            list(grads), None, scale, own[flag_idx], self._unscaled_fingerprint.value)
+        grads, tvs, _ = self._prepare(list(grads), None, scale, ops.zeros((), "int32"))
         if not (self.enabled or self.skip_nonfinite):
             new_tvs, new_inner = self.inner_optimizer.stateless_apply(
                 inner, grads, trainable_variables)
@@ -669,12 +719,3 @@ def _check_inner(inner_optimizer) -> None:
 def _strategy_of(v):
     """The `tf.distribute` strategy a variable was made under, if any (duck-typed)."""
     return getattr(v.value, "_distribute_strategy", None)
-
-
-def _first_norm(grads):
-    """`sum(g**2)` (float32) of the first gradient that is not None, else 0."""
-    for g in grads:
-        if g is not None:
-            return _numerics.squared_norm(g)
-    return ops.zeros((), "float32")
-
