@@ -5,10 +5,8 @@ python -m recipes.image_classification --dataset=cifar10 --model=resnet50 --poli
     --batch_size=256 --epochs=30 --model_dir=runs/cifar10 --distribution=mirrored
 """
 
-import sys
-
 import keras
-from absl import app, flags
+from absl import flags
 
 import tfmp
 
@@ -26,8 +24,7 @@ def run(*, policy: str = "mixed_float16", loss_scale: str = "dynamic", dataset: 
         jit_compile: bool = False, distribution: str = "none", model_dir: str | None = None,
         export_dir: str | None = None, seed: int = 0, model: str = "resnet_mini",
         image_size: int = 32, num_synthetic: int = 2048, cpu_replicas: int = 1,
-        dataset_override=None,
-        verbose: int = 2) -> dict:
+        dataset_override=None, verbose: int = 2) -> dict:
     """Trains and evaluates `model` on `dataset`; see `tfmp.training.train_and_evaluate`.
 
     Args:
@@ -36,15 +33,19 @@ def run(*, policy: str = "mixed_float16", loss_scale: str = "dynamic", dataset: 
 
     Returns:
         The metrics dict of `tfmp.training.train_and_evaluate`.
+
+    Raises:
+        tfmp.cli.UsageError: for a bad argument, before any model or dataset is built.
     """
+    with tfmp.cli.usage_errors():
+        tfmp.models.validate_image_model(model, image_size=image_size)
     tfmp.training.prepare(policy=policy, loss_scale=loss_scale, dataset=dataset,
                           datasets=tfmp.data.IMAGE_DATASETS, batch_size=batch_size,
                           epochs=epochs, steps_per_epoch=steps_per_epoch,
                           learning_rate=learning_rate, distribution=distribution, seed=seed,
-                          export_dir=export_dir, num_synthetic=num_synthetic,
-                          cpu_replicas=cpu_replicas)
-    with tfmp.training.usage_errors():
-        tfmp.models.validate_image_model(model)
+                          model_dir=model_dir, export_dir=export_dir,
+                          num_synthetic=num_synthetic, cpu_replicas=cpu_replicas)
+    with tfmp.cli.usage_errors():
         info = tfmp.data.dataset_info(dataset, image_size=image_size)
         if dataset_override is not None:
             train, evaluation = dataset_override
@@ -60,15 +61,16 @@ def run(*, policy: str = "mixed_float16", loss_scale: str = "dynamic", dataset: 
         train, evaluation, policy=policy, loss_scale=loss_scale, learning_rate=learning_rate,
         epochs=epochs, steps_per_epoch=steps_per_epoch, batch_size=batch_size,
         jit_compile=jit_compile, distribution=distribution, model_dir=model_dir,
-        export_dir=export_dir, verbose=verbose)
+        export_dir=export_dir, verbose=verbose,
+        model_settings={"recipe": "image_classification", "model": model,
+                        "image_size": image_size, "dataset": dataset})
 
 
 def main(argv):
-    del argv
-    values = tfmp.training.flag_values(_FLAGS)
-    sys.exit(tfmp.training.run_main(run, values, model=_MODEL.value,
-                                    image_size=_IMAGE_SIZE.value))
+    tfmp.cli.check_no_arguments(argv)
+    return tfmp.training.run_main(run, tfmp.training.flag_values(_FLAGS), model=_MODEL.value,
+                                  image_size=_IMAGE_SIZE.value)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    tfmp.cli.run(main)

@@ -5,10 +5,8 @@ python -m recipes.text_classification --dataset=imdb_reviews --data_dir=~/tensor
     --seq_len=256 --batch_size=64 --epochs=5 --model_dir=runs/imdb
 """
 
-import sys
-
 import keras
-from absl import app, flags
+from absl import flags
 
 import tfmp
 
@@ -38,14 +36,17 @@ def run(*, policy: str = "mixed_float16", loss_scale: str = "dynamic",
 
     Returns:
         The metrics dict of `tfmp.training.train_and_evaluate`.
+
+    Raises:
+        tfmp.cli.UsageError: for a bad argument, before any model is built.
     """
     tfmp.training.prepare(policy=policy, loss_scale=loss_scale, dataset=dataset,
                           datasets=tfmp.data.TEXT_DATASETS, batch_size=batch_size,
                           epochs=epochs, steps_per_epoch=steps_per_epoch,
                           learning_rate=learning_rate, distribution=distribution, seed=seed,
-                          export_dir=export_dir, num_synthetic=num_synthetic,
-                          cpu_replicas=cpu_replicas)
-    with tfmp.training.usage_errors():
+                          model_dir=model_dir, export_dir=export_dir,
+                          num_synthetic=num_synthetic, cpu_replicas=cpu_replicas)
+    with tfmp.cli.usage_errors():
         info = tfmp.data.dataset_info(dataset, seq_len=seq_len)
         for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads),
                             ("num_layers", num_layers)):
@@ -70,16 +71,19 @@ def run(*, policy: str = "mixed_float16", loss_scale: str = "dynamic",
         train, evaluation, policy=policy, loss_scale=loss_scale, learning_rate=learning_rate,
         epochs=epochs, steps_per_epoch=steps_per_epoch, batch_size=batch_size,
         jit_compile=jit_compile, distribution=distribution, model_dir=model_dir,
-        export_dir=export_dir, verbose=verbose)
+        export_dir=export_dir, verbose=verbose,
+        model_settings={"recipe": "text_classification", "dataset": dataset,
+                        "seq_len": seq_len, "vocab_size": vocab_size, "embed_dim": embed_dim,
+                        "num_heads": num_heads, "num_layers": num_layers})
 
 
 def main(argv):
-    del argv
-    values = tfmp.training.flag_values(_FLAGS)
-    sys.exit(tfmp.training.run_main(
-        run, values, seq_len=_SEQ_LEN.value, vocab_size=_VOCAB_SIZE.value,
-        embed_dim=_EMBED_DIM.value, num_heads=_NUM_HEADS.value, num_layers=_NUM_LAYERS.value))
+    tfmp.cli.check_no_arguments(argv)
+    return tfmp.training.run_main(
+        run, tfmp.training.flag_values(_FLAGS), seq_len=_SEQ_LEN.value,
+        vocab_size=_VOCAB_SIZE.value, embed_dim=_EMBED_DIM.value, num_heads=_NUM_HEADS.value,
+        num_layers=_NUM_LAYERS.value)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    tfmp.cli.run(main)

@@ -479,7 +479,7 @@ class AuditToolTest(TestCase):
             {"z": _X} if case == "no_x" else {"x": np.ones((8, 5), "float32")}))
         model = os.path.join(tmp, "missing.keras" if case == "missing" else "m.keras")
         result = _run_tool(f"--model={model}", f"--data={tmp}/batch.npz", f"--out_dir={tmp}")
-        self.assertEqual(result.returncode, 1)
+        self.assertEqual(result.returncode, 2)  # bad input: a usage error (tfmp.cli)
         self.assertNotIn("Traceback", result.stderr)
         errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
         self.assertEqual(len(errors), 1, result.stderr)

@@ -9,6 +9,8 @@ import sys
 import keras
 from absl.testing import parameterized
 
+import tfmp
+from tests import recipe_helpers
 from tests.base import TestCase
 from tools import benchmark
 
@@ -84,10 +86,26 @@ class BenchmarkTest(TestCase):
          r"resnet_mini.*transformer"),
         ("batch_size", dict(batch_size=0), r"`batch_size` must be an integer >= 1.*=0"),
         ("missing_file", dict(model_file="/nonexistent.keras"), r"`model_file` is not a file"),
+        ("image_size_below_the_models_minimum", dict(model="resnet50", image_size=16),
+         r"^`image_size` must be an integer >= 32 for model='resnet50'"),
     )
     def test_bad_arguments(self, kwargs, message):
-        with self.assertRaisesRegex(ValueError, message):
-            benchmark.benchmark(**kwargs)
+        with self.assertRaisesRegex(ValueError, message) as raised:
+            benchmark.benchmark(isolate=False, progress=False, **kwargs)
+        self.assertIsInstance(raised.exception, tfmp.cli.UsageError)  # exit status 2
+
+    def test_cli_json_path_is_checked_first(self):
+        tmp = self.tmp_dir()
+        result = subprocess.run(
+            [sys.executable, "-m", "tools.benchmark", "--model=resnet_mini", f"--json={tmp}"],
+            cwd=_REPO, capture_output=True, text=True, timeout=120,
+            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+        self.assertEqual(result.returncode, 2, result.stderr[-3000:])
+        self.assertNotIn("Traceback", result.stderr)
+        self.assertEqual(recipe_helpers.error_lines(result.stderr),
+                         [f"error: `json` is a directory; pass a file path. Received: "
+                          f"json={tmp!r}"])
+        self.assertNotIn("ex/s", result.stdout + result.stderr)  # nothing was measured
 
     def test_cli_json_one_process_per_policy(self):
         tmp = self.tmp_dir()
@@ -115,7 +133,7 @@ class BenchmarkTest(TestCase):
             [sys.executable, "-m", "tools.benchmark", "--policies=mixed_float16"],
             cwd=_REPO, capture_output=True, text=True, timeout=120,
             env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
-        self.assertEqual(result.returncode, 1)
+        self.assertEqual(result.returncode, 2)
         self.assertNotIn("Traceback", result.stderr)
         errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
         self.assertEqual(len(errors), 1, result.stderr)

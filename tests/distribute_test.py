@@ -45,6 +45,13 @@ def _assert_same_weights(test, a, b, atol=1e-6):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=atol)
 
 
+def _assert_bit_identical(test, a, b):
+    """Workers of one job must agree exactly: any difference at all fails."""
+    test.assertEqual(len(a), len(b))
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x, y, strict=True)
+
+
 class StrategyTest(TestCase):
     def test_unknown_distribution(self):
         with self.assertRaisesRegex(ValueError, "Unknown `distribution`: 'tpu'. Expected one "
@@ -62,6 +69,33 @@ class StrategyTest(TestCase):
             os.environ.pop("TF_CONFIG", None)
             with self.assertRaisesRegex(ValueError, "needs the TF_CONFIG environment variable"):
                 tfmp.distribute.create_strategy("multi_worker")
+
+    @parameterized.named_parameters(
+        ("not_json", "{cluster: 1", r"TF_CONFIG is not valid JSON \(Expecting property name"),
+        ("not_an_object", "[]", r"TF_CONFIG must be a JSON object, not list"),
+        ("no_cluster", '{"task": {"type": "worker", "index": 0}}', r'TF_CONFIG has no "cluster"'),
+        ("empty_cluster", '{"cluster": {}, "task": {"type": "worker", "index": 0}}',
+         r'TF_CONFIG has no "cluster"'),
+        ("bad_address", '{"cluster": {"worker": ["host1"]}, "task": {"type": "worker", '
+         '"index": 0}}', r'TF_CONFIG cluster.worker must be a non-empty list of "host:port"'),
+        ("no_task", '{"cluster": {"worker": ["a:1", "b:2"]}}', r'TF_CONFIG has no "task"'),
+        ("unknown_task_type", '{"cluster": {"worker": ["a:1"]}, "task": {"type": "ps", '
+         '"index": 0}}', r"TF_CONFIG task.type must be one of the cluster's jobs \(worker\), "
+         r"not 'ps'"),
+        ("index_out_of_range", '{"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": '
+         '"worker", "index": 2}}', r"TF_CONFIG task.index must be an integer in \[0, 2\) for "
+         r"the 2 worker address\(es\), not 2"),
+    )
+    def test_bad_tf_config_is_named(self, tf_config, message):
+        with mock.patch.dict(os.environ, {"TF_CONFIG": tf_config}):
+            with self.assertRaisesRegex(ValueError, rf"^{message}.* Received: TF_CONFIG='"):
+                tfmp.distribute.create_strategy("multi_worker")
+        self.assertNotIn("multi_worker", tfmp.distribute._STRATEGIES)
+
+    def test_good_tf_config(self):
+        config = ('{"cluster": {"chief": ["a:1"], "worker": ["b:2"]}, '
+                  '"task": {"type": "worker", "index": 0}}')
+        self.assertEqual(tfmp.distribute.parse_tf_config(config)["task"]["type"], "worker")
 
     @parameterized.named_parameters(
         ("no_cluster", None, None, {}, True),
@@ -100,6 +134,7 @@ class EquivalenceTest(TestCase):
         for weights, state in workers:
             _assert_same_weights(self, single, weights)
             self.assertEqual(state, single_state)
+        _assert_bit_identical(self, workers[0][0], workers[1][0])
 
     def test_nan_on_one_worker_skips_the_step_on_all(self):
         mirrored, mirrored_state = distributed_run.train(
@@ -108,7 +143,7 @@ class EquivalenceTest(TestCase):
         (w0, s0), (w1, s1) = workers
         self.assertEqual(s0, {"loss_scale": 128.0, "skipped_steps": 1.0, "iterations": 3.0})
         self.assertEqual(s1, s0)
-        _assert_same_weights(self, w0, w1, atol=0)
+        _assert_bit_identical(self, w0, w1)
         _assert_same_weights(self, w0, mirrored)
         self.assertEqual(mirrored_state, s0)
         self.assertAllFinite(w0)

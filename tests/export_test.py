@@ -390,7 +390,7 @@ class ExportTest(TestCase):
                 f.write("keep me")
         proc = _run(["-m", "tools.export_savedmodel", f"--model={tmp}/missing.keras",
                      f"--export_dir={target}"])
-        self.assertEqual(proc.returncode, 1)
+        self.assertEqual(proc.returncode, 2)
         lines = _own_stderr_lines(proc.stderr)
         self.assertLen(lines, 1, proc.stderr)
         self.assertRegex(lines[0], r"^error: `export_dir` holds a SavedModel and entries that "
@@ -399,7 +399,7 @@ class ExportTest(TestCase):
 
     def test_cli_without_model_flag(self):
         proc = _run(["-m", "tools.export_savedmodel", "--export_dir=/nonexistent/out"])
-        self.assertEqual(proc.returncode, 1)
+        self.assertEqual(proc.returncode, 2)
         self.assertEqual(_own_stderr_lines(proc.stderr),
                          ["error: `--model` is required: the path of a `.keras` file."])
 
@@ -424,7 +424,7 @@ class ExportTest(TestCase):
             ).save(model_path)
         proc = _run(["-m", "tools.export_savedmodel", f"--model={model_path}",
                      f"--export_dir={os.path.join(tmp, 'out')}"])
-        self.assertEqual(proc.returncode, 1)
+        self.assertEqual(proc.returncode, 2)  # a usage error (tfmp.cli)
         self.assertNotIn("Traceback", proc.stderr)
         lines = _own_stderr_lines(proc.stderr)
         self.assertLen(lines, 1, proc.stderr)

@@ -5,12 +5,14 @@ import os
 import signal
 import subprocess
 import time
+from unittest import mock
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl.testing import parameterized
 
+import tfmp
 from recipes import image_classification
 from tests import recipe_helpers
 from tests.base import TestCase
@@ -54,6 +56,83 @@ class RunTest(TestCase):
         self.assertTrue(np.isfinite(results["eval_loss"]))
 
 
+def _nothing_built():
+    """Patches that fail the test if the recipe builds a model or a dataset."""
+    built = AssertionError("built a model or a dataset before refusing the arguments")
+    return (mock.patch.object(tfmp.models, "image_classifier", side_effect=built),
+            mock.patch.object(tfmp.data, "image_dataset", side_effect=built))
+
+
+class EarlyChecksTest(TestCase):
+    """Arguments refused before any model or dataset is built (issue 9, items 1 to 4)."""
+
+    def _refused(self, message, **kwargs):
+        model_patch, data_patch = _nothing_built()
+        with model_patch, data_patch, self.assertRaisesRegex(tfmp.training.UsageError, message):
+            image_classification.run(batch_size=4, epochs=1, steps_per_epoch=1,
+                                     num_synthetic=8, verbose=0, **kwargs)
+
+    @parameterized.named_parameters(
+        ("model_dir_is_a_file", dict(model_dir="afile"),
+         r"^`model_dir` exists and is not a directory"),
+        ("export_dir_under_a_file", dict(export_dir="afile/export"),
+         r"^`export_dir` cannot be created: '.*afile' is not a directory"),
+        ("export_dir_inside_model_dir", dict(model_dir="run", export_dir="run/export"),
+         r"^`export_dir` must be outside `model_dir` and not contain it"),
+    )
+    def test_output_paths(self, paths, message):  # item 1
+        directory = self.tmp_dir()
+        with open(os.path.join(directory, "afile"), "w") as f:
+            f.write("x")
+        self._refused(message, **{k: os.path.join(directory, v) for k, v in paths.items()})
+
+    def test_read_only_export_parent(self):  # item 1; root ignores modes: mock os.access
+        parent = self.tmp_dir()
+        with mock.patch("os.access", return_value=False):
+            self._refused(r"^`export_dir` cannot be written: '.*' is read-only",
+                          export_dir=os.path.join(parent, "export"))
+
+    @parameterized.named_parameters(
+        ("mobilenet_v2", "mobilenet_v2", 16), ("resnet50", "resnet50", 31),
+        ("efficientnet_b0", "efficientnet_b0", 8))
+    def test_image_size_below_the_models_minimum(self, model, size):  # item 3
+        self._refused(rf"^`image_size` must be an integer >= 32 for model='{model}' "
+                      rf"\(keras.applications' minimum; resnet_mini takes any size\). "
+                      rf"Received: image_size={size}$", model=model, image_size=size)
+
+    def test_minimum_image_sizes(self):
+        for model in ("mobilenet_v2", "resnet50", "efficientnet_b0"):
+            self.assertEqual(tfmp.models.MIN_IMAGE_SIZE[model], 32)
+            tfmp.models.validate_image_model(model, image_size=32)
+        tfmp.models.validate_image_model("resnet_mini", image_size=1)
+
+    @parameterized.named_parameters(
+        ("not_json", "{cluster", r"^TF_CONFIG is not valid JSON \(Expecting"),
+        ("no_cluster", '{"task": {"type": "worker", "index": 0}}', r'^TF_CONFIG has no "cluster"'))
+    def test_bad_tf_config(self, tf_config, message):  # item 4
+        with mock.patch.dict(os.environ, {"TF_CONFIG": tf_config}):
+            self._refused(message, distribution="multi_worker")
+
+    def test_resume_with_another_model_is_refused(self):  # item 2
+        model_dir = self.tmp_dir()
+        image_classification.run(image_size=8, batch_size=4, epochs=1, steps_per_epoch=1,
+                                 num_synthetic=8, model_dir=model_dir, verbose=0)
+        with mock.patch.object(tfmp.models, "image_classifier",
+                               side_effect=AssertionError("built the model")):
+            with self.assertRaisesRegex(
+                    tfmp.training.UsageError,
+                    r"^`model_dir` holds a run with image_size=8, model='resnet_mini'; this run "
+                    r"has image_size=32, model='mobilenet_v2'. Pass the same settings to resume "
+                    r"that run, or a new --model_dir for a new run."):
+                image_classification.run(model="mobilenet_v2", image_size=32, batch_size=4,
+                                         epochs=1, steps_per_epoch=1, num_synthetic=8,
+                                         model_dir=model_dir, verbose=0)
+        with open(os.path.join(model_dir, "run.json")) as f:
+            self.assertEqual(json.load(f)["model_settings"], {
+                "recipe": "image_classification", "model": "resnet_mini", "image_size": 8,
+                "dataset": "synthetic"})
+
+
 class CommandLineTest(TestCase):
     @parameterized.named_parameters(
         ("policy", ["--policy=fp16"], "Unknown `policy`: 'fp16'. Expected one of: "
@@ -69,6 +148,10 @@ class CommandLineTest(TestCase):
         ("multi_worker", ["--distribution=multi_worker"], "needs the TF_CONFIG environment"),
         ("export_dir", ["--export_dir=/etc"], "`export_dir` is a non-empty directory that "
          "holds no SavedModel"),
+        ("batch_size_not_an_integer", ["--batch_size=abc"],  # item 5: absl's error, one line
+         "error: flag --batch_size=abc: invalid literal for int() with base 10: 'abc' "
+         "(--helpfull lists the flags)"),
+        ("positional_argument", ["train"], "error: unexpected arguments"),
     )
     def test_bad_input_is_one_line(self, flags, message):
         proc = recipe_helpers.run_cli(MODULE, *flags)

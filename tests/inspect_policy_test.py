@@ -89,7 +89,7 @@ class InspectPolicyTest(TestCase):
 
     def test_cli_missing_file(self):
         result = _run_tool("/nonexistent.keras")
-        self.assertNotEqual(result.returncode, 0)
+        self.assertEqual(result.returncode, 2)  # a bad argument: a usage error
         self.assertEqual(result.stdout, "")
         self.assertNotIn("Traceback", result.stderr)
         self.assertEqual(
@@ -98,7 +98,7 @@ class InspectPolicyTest(TestCase):
 
     def test_cli_needs_one_path(self):
         result = _run_tool()
-        self.assertEqual(result.returncode, 1)
+        self.assertEqual(result.returncode, 2)
         lines = recipe_helpers.error_lines(result.stderr)
         self.assertEqual(len(lines), 1, result.stderr)
         self.assertRegex(lines[0], r"^error: expected exactly one model path")

@@ -47,5 +47,5 @@ class LaunchLocalTest(TestCase):
             launch_local.launch(["true"], 0)
         proc = recipe_helpers.run_cli("tools.launch_local", "--num_workers=2", "--")
         self.assertEqual(proc.returncode, 2)
-        self.assertEqual(proc.stderr.strip().splitlines(),
+        self.assertEqual(recipe_helpers.error_lines(proc.stderr),
                          ["error: `command` is empty: give the worker command after `--`."])

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -26,8 +27,13 @@ def results_of(stdout: str) -> dict:
     return json.loads(lines[-1][len("results: "):])
 
 
+# TensorFlow 2.16's C++ start-up lines: "2024-05-01 12:00:00.123456: E external/...".
+_DATED_LOG = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+: [IWEF] ")
+
+
 def error_lines(stderr: str) -> list[str]:
     """stderr without TensorFlow's start-up log lines."""
     noise = ("I0000", "W0000", "E0000", "WARNING: All log messages", "I1", "W1", "E1",
              "To enable the following instructions")
-    return [line for line in stderr.splitlines() if line and not line.startswith(noise)]
+    return [line for line in stderr.splitlines()
+            if line and not line.startswith(noise) and not _DATED_LOG.match(line)]

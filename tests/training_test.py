@@ -1,6 +1,9 @@
 """Tests for tfmp.training and the checkpoint/throughput callbacks it uses."""
 
+import io
+import json
 import os
+from contextlib import redirect_stderr
 from unittest import mock
 
 import keras
@@ -9,7 +12,7 @@ from absl.testing import parameterized
 
 import tfmp
 from tests.base import TestCase
-from tfmp import training
+from tfmp import cli, training
 
 _ARGS = dict(policy="mixed_float16", loss_scale="dynamic", dataset="synthetic",
              datasets=("synthetic", "cifar10"), batch_size=8, epochs=1, steps_per_epoch=None,
@@ -67,15 +70,112 @@ class ArgsTest(TestCase):
         self.assertEqual((opt.enabled, opt.dynamic, opt.initial_scale), (enabled, dynamic, scale))
         self.assertIsInstance(opt.inner_optimizer, keras.optimizers.Adam)
 
-    def test_run_main_reports_usage_errors_in_one_line(self):
+    def test_run_main_lets_tfmp_cli_report_usage_errors_in_one_line(self):
         def run(**kwargs):
             training.check_args(**{**_ARGS, **kwargs})
 
-        with mock.patch("sys.stderr") as stderr:
-            self.assertEqual(training.run_main(run, {"batch_size": -4}), 2)
-        written = "".join(call.args[0] for call in stderr.write.call_args_list)
-        self.assertEqual(written.count("\n"), 1)
-        self.assertIn("error: `batch_size` must be a positive integer", written)
+        stderr = io.StringIO()
+        with redirect_stderr(stderr):
+            status = cli.call(lambda argv: training.run_main(run, {"batch_size": -4}), ["prog"])
+        self.assertEqual(status, 2)
+        self.assertRegex(stderr.getvalue(),
+                         r"^error: `batch_size` must be a positive integer. Received: "
+                         r"batch_size=-4\n$")
+
+
+class OutputPathsTest(TestCase):
+    """Item: output paths are refused before any work, not after the training."""
+
+    def setUp(self):
+        super().setUp()
+        self.dir = self.tmp_dir()
+        self.file = os.path.join(self.dir, "afile")
+        with open(self.file, "w") as f:
+            f.write("x")
+
+    def _check(self, **paths):
+        training.check_args(**{**_ARGS, **paths})
+
+    def test_good_paths(self):
+        self._check(model_dir=os.path.join(self.dir, "run"),
+                    export_dir=os.path.join(self.dir, "export"))
+
+    @parameterized.named_parameters(
+        ("model_dir_is_a_file", dict(model_dir="afile"),
+         r"^`model_dir` exists and is not a directory. Received: model_dir='.*afile'$"),
+        ("model_dir_under_a_file", dict(model_dir="afile/run"),
+         r"^`model_dir` cannot be created: '.*afile' is not a directory"),
+        ("export_dir_under_a_file", dict(export_dir="afile/export"),
+         r"^`export_dir` cannot be created: '.*afile' is not a directory"),
+        ("export_dir_is_model_dir", dict(model_dir="run", export_dir="run"),
+         r"^`export_dir` must be outside `model_dir` and not contain it"),
+        ("export_dir_inside_model_dir", dict(model_dir="run", export_dir="run/export"),
+         r"^`export_dir` must be outside `model_dir` and not contain it .*"
+         r"Received: export_dir='.*run/export', model_dir='.*run'$"),
+        ("export_dir_around_model_dir", dict(model_dir="out/run", export_dir="out"),
+         r"^`export_dir` must be outside `model_dir`"),
+    )
+    def test_bad_paths(self, paths, message):
+        paths = {name: os.path.join(self.dir, path) for name, path in paths.items()}
+        with self.assertRaisesRegex(training.UsageError, message):
+            self._check(**paths)
+
+    @parameterized.named_parameters(
+        ("model_dir", "model_dir", "run"), ("new_model_dir", "model_dir", "new/run"),
+        ("export_dir", "export_dir", "export"))
+    def test_read_only(self, argument, path):
+        # Root ignores permission bits: os.access stands for a read-only file system.
+        read_only = os.path.join(self.dir, "ro")
+        os.makedirs(os.path.join(read_only, "run"))
+        real_access = os.access
+
+        def access(p, mode):
+            inside = os.path.commonpath([os.path.realpath(p), read_only]) == read_only
+            return not (inside and mode & os.W_OK) and real_access(p, mode)
+
+        with mock.patch("os.access", side_effect=access):
+            with self.assertRaisesRegex(
+                    training.UsageError, rf"^`{argument}` cannot be written: '.*ro.*' is "
+                    rf"read-only or not writable by this user. Received: {argument}="):
+                self._check(**{argument: os.path.join(read_only, path)})
+
+
+class RunSettingsTest(TestCase):
+    """Item: resuming with another model is refused in one line, naming the setting."""
+
+    _SETTINGS = {"recipe": "image_classification", "model": "resnet_mini", "image_size": 32}
+
+    def test_records_atomically_then_accepts_the_same(self):
+        model_dir = os.path.join(self.tmp_dir(), "run")
+        training.check_run_settings(model_dir, self._SETTINGS)
+        self.assertEqual(os.listdir(model_dir), ["run.json"])  # no temporary left
+        with open(os.path.join(model_dir, "run.json")) as f:
+            self.assertEqual(json.load(f), {"model_settings": self._SETTINGS})
+        training.check_run_settings(model_dir, dict(self._SETTINGS))
+
+    def test_other_settings_are_refused(self):
+        model_dir = self.tmp_dir()
+        training.check_run_settings(model_dir, self._SETTINGS)
+        with self.assertRaisesRegex(
+                training.UsageError,
+                r"^`model_dir` holds a run with image_size=32, model='resnet_mini'; this run "
+                r"has image_size=64, model='resnet50'. Pass the same settings to resume that "
+                r"run, or a new --model_dir for a new run. Received: model_dir='.*'$"):
+            training.check_run_settings(
+                model_dir, {**self._SETTINGS, "model": "resnet50", "image_size": 64})
+
+    def test_only_the_chief_writes(self):
+        model_dir = self.tmp_dir()
+        training.check_run_settings(model_dir, self._SETTINGS, write=False)
+        self.assertEqual(os.listdir(model_dir), [])
+
+    def test_unreadable_run_file(self):
+        model_dir = self.tmp_dir()
+        with open(os.path.join(model_dir, "run.json"), "w") as f:
+            f.write("{not json")
+        with self.assertRaisesRegex(training.UsageError,
+                                    r"^`model_dir` has an unreadable run.json \(JSONDecodeError"):
+            training.check_run_settings(model_dir, self._SETTINGS)
 
 
 class TrainAndEvaluateTest(TestCase):

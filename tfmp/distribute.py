@@ -23,6 +23,8 @@ from collections.abc import Iterator
 import tensorflow as tf
 
 DISTRIBUTIONS = ("none", "mirrored", "multi_worker")
+_TF_CONFIG_EXAMPLE = ('{"cluster": {"worker": ["host1:port", "host2:port"]}, '
+                      '"task": {"type": "worker", "index": 0}}')
 
 
 def validate_distribution(distribution: str) -> str:
@@ -61,6 +63,60 @@ def configure_cpu_replicas(count: int) -> None:
             ) from e
 
 
+def parse_tf_config(text: str | None = None) -> dict:
+    """Parses and checks `TF_CONFIG` for `"multi_worker"`, naming it in every error.
+
+    Args:
+        text: The JSON text; by default the `TF_CONFIG` environment variable.
+
+    Returns:
+        The parsed `{"cluster": {job: ["host:port", ...]}, "task": {"type": job,
+        "index": i}, ...}`.
+
+    Raises:
+        ValueError: when `TF_CONFIG` is unset, not JSON, has no non-empty `cluster`
+            of `"host:port"` lists, or no `task` whose `type` is a job of the
+            cluster and whose `index` is an integer within that job.
+    """
+    if text is None:
+        text = os.environ.get("TF_CONFIG")
+    if text is None:
+        raise ValueError(
+            "`distribution`='multi_worker' needs the TF_CONFIG environment variable "
+            "(run through `python -m tools.launch_local --num_workers=N -- ...` or set "
+            "it as for tf.distribute.MultiWorkerMirroredStrategy).")
+    shown = text if len(text) <= 300 else text[:300] + "..."
+
+    def bad(problem: str) -> ValueError:
+        return ValueError(f"TF_CONFIG {problem}. Expected e.g. {_TF_CONFIG_EXAMPLE}. "
+                          f"Received: TF_CONFIG={shown!r}")
+
+    try:
+        config = json.loads(text)
+    except ValueError as e:
+        raise bad(f"is not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise bad(f"must be a JSON object, not {type(config).__name__}")
+    cluster, task = config.get("cluster"), config.get("task")
+    if not isinstance(cluster, dict) or not cluster:
+        raise bad('has no "cluster" (a non-empty object of job name: address list)')
+    for job, addresses in cluster.items():
+        if (not isinstance(addresses, list) or not addresses or not all(
+                isinstance(a, str) and ":" in a for a in addresses)):
+            raise bad(f'cluster.{job} must be a non-empty list of "host:port" strings')
+    if not isinstance(task, dict):
+        raise bad('has no "task" (an object with "type" and "index")')
+    job, index = task.get("type"), task.get("index")
+    if job not in cluster:
+        raise bad(f"task.type must be one of the cluster's jobs ({', '.join(cluster)}), "
+                  f"not {job!r}")
+    if isinstance(index, bool) or not isinstance(index, int) or not (
+            0 <= index < len(cluster[job])):
+        raise bad(f"task.index must be an integer in [0, {len(cluster[job])}) for the "
+                  f"{len(cluster[job])} {job} address(es), not {index!r}")
+    return config
+
+
 _STRATEGIES: dict = {}
 
 
@@ -75,6 +131,10 @@ def create_strategy(distribution: str = "none") -> tf.distribute.Strategy:
 
     Returns:
         A `tf.distribute.Strategy`.
+
+    Raises:
+        ValueError: for an unknown `distribution`, or `"multi_worker"` with a
+            missing or bad `TF_CONFIG` (see `parse_tf_config`).
     """
     validate_distribution(distribution)
     if distribution == "none":
@@ -85,12 +145,7 @@ def create_strategy(distribution: str = "none") -> tf.distribute.Strategy:
             devices = [d.name for d in gpus or tf.config.list_logical_devices("CPU")]
             _STRATEGIES[distribution] = tf.distribute.MirroredStrategy(devices)
         else:
-            if "TF_CONFIG" not in os.environ:
-                raise ValueError(
-                    "`distribution`='multi_worker' needs the TF_CONFIG environment variable "
-                    "(run through `python -m tools.launch_local --num_workers=N -- ...` or set "
-                    "it as for tf.distribute.MultiWorkerMirroredStrategy)."
-                )
+            parse_tf_config()  # a bad TF_CONFIG is named here, not deep inside TensorFlow
             _STRATEGIES[distribution] = tf.distribute.MultiWorkerMirroredStrategy()
     return _STRATEGIES[distribution]
 

@@ -21,13 +21,34 @@ _APPLICATIONS = {
     "efficientnet_b0": "EfficientNetB0",
 }
 IMAGE_MODELS = ("resnet_mini",) + tuple(_APPLICATIONS)
+# The smallest image side each model builds with. keras.applications refuse
+# inputs under 32x32 without ImageNet weights (`obtain_input_shape(min_size=32)`);
+# tried on Keras 3.15: 31 fails and every side from 32 on builds and runs, for
+# all three. resnet_mini pads its convolutions, so any side works.
+MIN_IMAGE_SIZE = {"resnet_mini": 1, **{name: 32 for name in _APPLICATIONS}}
 
 
-def validate_image_model(name: str) -> str:
-    """Returns `name` if it is in `IMAGE_MODELS`, else raises `ValueError`."""
+def validate_image_model(name: str, image_size: int | None = None) -> str:
+    """Returns `name` if it is in `IMAGE_MODELS`, else raises `ValueError`.
+
+    Args:
+        name: The model name.
+        image_size: If given, the (smallest) image side, which must be at least
+            `MIN_IMAGE_SIZE[name]`.
+
+    Raises:
+        ValueError: for an unknown model, or an image side the model cannot take.
+    """
     if name not in IMAGE_MODELS:
         raise ValueError(
             f"Unknown `model`: {name!r}. Expected one of: {', '.join(IMAGE_MODELS)}.")
+    least = MIN_IMAGE_SIZE[name]
+    if image_size is not None and (isinstance(image_size, bool) or not isinstance(
+            image_size, int) or image_size < least):
+        raise ValueError(
+            f"`image_size` must be an integer >= {least} for model={name!r} "
+            f"(keras.applications' minimum; resnet_mini takes any size). "
+            f"Received: image_size={image_size!r}")
     return name
 
 
@@ -58,8 +79,11 @@ def image_classifier(name: str, input_shape: tuple, num_classes: int, *,
 
     Returns:
         A functional `keras.Model` taking float32 images in [0, 1].
+
+    Raises:
+        ValueError: for an unknown `name`, or images smaller than `MIN_IMAGE_SIZE[name]`.
     """
-    validate_image_model(name)
+    validate_image_model(name, image_size=min(input_shape[:2]))
     inputs = keras.Input(input_shape, name="image")
     if name == "resnet_mini":
         x = keras.layers.Conv2D(width, 3, padding="same", use_bias=False)(inputs)

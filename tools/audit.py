@@ -16,8 +16,8 @@ are reported (`nonfinite_inputs` and a line of the table), not an error. The
 model is loaded with `safe_mode=True` and the data with `allow_pickle=False`.
 An `--out_dir` that cannot take the files (a file, a `report.json` or
 `audit.png` that is a directory, a directory that cannot be written) is
-refused before any work: one `error:` line on stderr and exit status 2. Other
-bad input prints one `error:` line and exits with status 1 (TensorFlow's C++
+refused before any work: one `error:` line on stderr and exit status 2, as are
+a bad flag, model file or data (`tfmp.cli`'s convention; TensorFlow's C++
 start-up lines may also reach stderr).
 """
 
@@ -26,7 +26,7 @@ import zipfile
 from collections.abc import Callable
 from typing import Any
 
-from absl import app, flags
+from absl import flags
 
 import tfmp
 from tfmp import _io
@@ -187,11 +187,11 @@ def _define_flags() -> None:
 
 
 def main(argv):
-    with tfmp.cli.one_line_errors(exit_code=2):  # Usage errors, before any work.
+    tfmp.cli.check_no_arguments(argv)
+    # Exit 2 for what is wrong with the arguments, the model file or the data
+    # (tfmp.cli's convention); the output directory is checked before any work.
+    with tfmp.cli.usage_errors():
         check_out_dir(FLAGS.out_dir)
-    with tfmp.cli.one_line_errors():
-        if len(argv) > 1:
-            raise ValueError(f"unexpected arguments: {argv[1:]}")
         audit(model_path=FLAGS.model, data_path=FLAGS.data, recipe_model=FLAGS.recipe_model,
               batch_size=FLAGS.batch_size, policy=FLAGS.policy, loss=FLAGS.loss,
               loss_scale=FLAGS.loss_scale, out_dir=FLAGS.out_dir)
@@ -199,4 +199,4 @@ def main(argv):
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    tfmp.cli.run(main)

@@ -6,7 +6,9 @@ overhead dominates) under `mixed_float16` with each optimizer, with and without
 a ratio to the plain inner optimizer: the median of per-repeat ratios of
 process CPU time (steadier than wall time on a shared machine).
 
-    python -m tools.bench_optimizer --repeats=15 --steps=20
+    python -m tools.bench_optimizer --repeats=15 --steps=20 [--json=results.json]
+
+A bad flag or argument prints one `error:` line and exits with status 2 (`tfmp.cli.run`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import json
 import statistics
 import time
 
-from absl import app, flags
+from absl import flags
 
 _LAYERS = flags.DEFINE_integer("layers", 40, "Dense layers in the model.")
 _UNITS = flags.DEFINE_integer("units", 64, "Units per layer.")
@@ -42,6 +44,9 @@ def benchmark(*, layers: int = 40, units: int = 64, batch_size: int = 64, steps:
     Returns:
         `{"jit_compile=False": {"keras": ratio, "tfmp": ratio, "plain_ms": ms}, ...}`,
         ratios being medians over repeats of CPU time / plain CPU time.
+
+    Raises:
+        tfmp.cli.UsageError: (a `ValueError`) for a size that is not an integer >= 1.
     """
     import keras
     import numpy as np
@@ -50,8 +55,9 @@ def benchmark(*, layers: int = 40, units: int = 64, batch_size: int = 64, steps:
 
     for name, value in (("layers", layers), ("units", units), ("batch_size", batch_size),
                         ("steps", steps), ("repeats", repeats)):
-        if value < 1:
-            raise ValueError(f"`{name}` must be >= 1. Received: {name}={value}")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise tfmp.cli.UsageError(
+                f"`{name}` must be an integer >= 1. Received: {name}={value!r}")
 
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(batch_size, units)).astype("float32")
@@ -100,12 +106,13 @@ def benchmark(*, layers: int = 40, units: int = 64, batch_size: int = 64, steps:
 
 
 def main(argv):
-    del argv
     from tfmp import cli
 
-    with cli.one_line_errors():
-        results = benchmark(layers=_LAYERS.value, units=_UNITS.value, batch_size=_BATCH.value,
-                            steps=_STEPS.value, repeats=_REPEATS.value)
+    cli.check_no_arguments(argv)
+    if _JSON.value:
+        cli.check_output_file(_JSON.value, argument="json")  # now, not after the benchmark
+    results = benchmark(layers=_LAYERS.value, units=_UNITS.value, batch_size=_BATCH.value,
+                        steps=_STEPS.value, repeats=_REPEATS.value)
     print(f"{_LAYERS.value}x Dense({_UNITS.value}), batch {_BATCH.value}, mixed_float16, "
           f"median of {_REPEATS.value} interleaved repeats of {_STEPS.value} steps (CPU time)")
     print(f"{'':20s}{'plain ms/step':>15s}{'keras / plain':>15s}{'tfmp / plain':>15s}"
@@ -119,4 +126,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from tfmp import cli
+
+    cli.run(main)

@@ -26,7 +26,8 @@ float16 arithmetic it is usually slower, and on GPUs some kernels are too:
 tensorflow/tensorflow#41715 reports a depthwise-convolution model at 120
 ms/step in float32 and 2000 ms/step under mixed precision (its backward pass).
 
-Bad arguments print one `error:` line on stderr and exit with status 1.
+A bad flag or argument prints one `error:` line on stderr and exits with status 2, before
+anything runs; a failure during the benchmark, one `error:` line and status 1 (`tfmp.cli.run`).
 """
 
 from __future__ import annotations
@@ -36,12 +37,11 @@ import json
 import math
 import os
 import statistics
-import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from absl import app, flags
+from absl import flags
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 FLAGS = flags.FLAGS
@@ -295,31 +295,31 @@ class _Process:
 
 def _check(*, model, model_file, policies, batch_size, steps, repeats, warmup, image_size,
            seq_len, max_batch_limit) -> None:
-    for name, value, least in (("batch_size", batch_size, 1), ("steps", steps, 1),
-                               ("repeats", repeats, 1), ("warmup", warmup, 0),
-                               ("image_size", image_size, 8), ("seq_len", seq_len, 1),
-                               ("max_batch_limit", max_batch_limit, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise ValueError(f"`{name}` must be an integer >= {least}. Received: {name}={value!r}")
-    unknown = [p for p in policies if p not in POLICIES]
-    if unknown or not policies or policies[0] != "float32" or len(set(policies)) != len(policies):
-        raise ValueError(
-            f"`policies` must list distinct policies from {', '.join(POLICIES)}, float32 first "
-            f"(the ratios are to float32). Received: policies={list(policies)}")
-    if model_file is not None:
-        from tfmp import cli
+    """Raises `tfmp.cli.UsageError` (a `ValueError`) for a bad argument of `benchmark`."""
+    from tfmp import cli, models
 
-        cli.check_keras_file(model_file, argument="model_file")
-    else:
-        from tfmp import models
-
-        if model != TEXT_MODEL:
-            try:
-                models.validate_image_model(model)
-            except ValueError:
+    with cli.usage_errors():
+        for name, value, least in (("batch_size", batch_size, 1), ("steps", steps, 1),
+                                   ("repeats", repeats, 1), ("warmup", warmup, 0),
+                                   ("image_size", image_size, 8), ("seq_len", seq_len, 1),
+                                   ("max_batch_limit", max_batch_limit, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(
+                    f"`{name}` must be an integer >= {least}. Received: {name}={value!r}")
+        unknown = [p for p in policies if p not in POLICIES]
+        if (unknown or not policies or policies[0] != "float32"
+                or len(set(policies)) != len(policies)):
+            raise ValueError(
+                f"`policies` must list distinct policies from {', '.join(POLICIES)}, float32 "
+                f"first (the ratios are to float32). Received: policies={list(policies)}")
+        if model_file is not None:
+            cli.check_keras_file(model_file, argument="model_file")
+        elif model != TEXT_MODEL:
+            if model not in models.IMAGE_MODELS:
                 raise ValueError(
                     f"Unknown `model`: {model!r}. Expected one of: "
-                    f"{', '.join(models.IMAGE_MODELS + (TEXT_MODEL,))}.") from None
+                    f"{', '.join(models.IMAGE_MODELS + (TEXT_MODEL,))}.")
+            models.validate_image_model(model, image_size=image_size)
 
 
 def benchmark(*, model: str = "resnet_mini", model_file: str | None = None,
@@ -360,6 +360,9 @@ def benchmark(*, model: str = "resnet_mini", model_file: str | None = None,
         ratios to float32: `speedup` (median of per-repeat examples/second
         ratios), `step_time_ratio`, `memory_ratio`, `activation_memory_ratio`
         and `max_batch_ratio`.
+
+    Raises:
+        tfmp.cli.UsageError: (a `ValueError`) for a bad argument, before anything runs.
 
     Example:
 
@@ -509,18 +512,17 @@ def _define_flags() -> None:
 
 
 def main(argv):
-    try:
-        if len(argv) > 1:
-            raise ValueError(f"unexpected arguments: {argv[1:]}")
-        results = benchmark(
-            model=FLAGS.model, model_file=FLAGS.model_file, policies=FLAGS.policies,
-            batch_size=FLAGS.batch_size, steps=FLAGS.steps, repeats=FLAGS.repeats,
-            warmup=FLAGS.warmup, image_size=FLAGS.image_size, seq_len=FLAGS.seq_len,
-            jit_compile=FLAGS.jit_compile, isolate=FLAGS.isolate,
-            max_batch_search=FLAGS.max_batch_search, max_batch_limit=FLAGS.max_batch_limit)
-    except (ValueError, RuntimeError) as e:  # A CLI error is one line, not a traceback.
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        sys.exit(1)
+    from tfmp import cli
+
+    cli.check_no_arguments(argv)
+    if FLAGS.json:
+        cli.check_output_file(FLAGS.json, argument="json")  # now, not after the benchmark
+    results = benchmark(
+        model=FLAGS.model, model_file=FLAGS.model_file, policies=FLAGS.policies,
+        batch_size=FLAGS.batch_size, steps=FLAGS.steps, repeats=FLAGS.repeats,
+        warmup=FLAGS.warmup, image_size=FLAGS.image_size, seq_len=FLAGS.seq_len,
+        jit_compile=FLAGS.jit_compile, isolate=FLAGS.isolate,
+        max_batch_search=FLAGS.max_batch_search, max_batch_limit=FLAGS.max_batch_limit)
     print(format_table(results))
     if FLAGS.json:
         with open(FLAGS.json, "w") as f:
@@ -529,4 +531,6 @@ def main(argv):
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    from tfmp import cli
+
+    cli.run(main)

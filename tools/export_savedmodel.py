@@ -6,14 +6,16 @@ python -m tools.export_savedmodel --model=model.keras --export_dir=/tmp/serving/
 The model is loaded with `safe_mode=True` (no Lambda code, no pickles) and without
 its optimizer. An `--export_dir` that `tfmp.export.check_export_dir` refuses (a
 directory with files that are not a SavedModel's) is refused before the model is
-loaded. The SavedModel is written atomically (see `tfmp.export`). Bad input prints
-one `error:` line on stderr and exits with status 1.
+loaded. The SavedModel is written atomically (see `tfmp.export`). Errors follow
+`tfmp.cli`: one `error:` line on stderr, exit status 2 for a bad flag, a model
+file that is missing, not a `.keras` archive or refused in safe mode, or a
+refused `--export_dir`, and 1 for a failure during the export.
 (TensorFlow's C++ start-up lines, `I0000 ... port.cc ...` and the like, may also
 reach stderr: TF 2.21 prints some of them whatever `TF_CPP_MIN_LOG_LEVEL` says.)
 """
 
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 import tfmp
 
@@ -49,7 +51,11 @@ def export_savedmodel(model_path: str, export_dir: str, serving_dtype: str = "fl
     """
     tfmp.export.validate_serving_dtype(serving_dtype)
     tfmp.export.check_export_dir(export_dir)  # Refused before the model is loaded.
-    model = tfmp.cli.load_keras_file(model_path, argument="--model")
+    return _export(tfmp.cli.load_keras_file(model_path, argument="--model"), export_dir,
+                   serving_dtype)
+
+
+def _export(model, export_dir: str, serving_dtype: str) -> str:
     path = tfmp.export.export_saved_model(model, export_dir, serving_dtype=serving_dtype)
     sig = tfmp.export.serving_signature(path)
     return (
@@ -63,13 +69,17 @@ def main(argv):
     del argv
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # TensorFlow's INFO lines about saving.
-    with tfmp.cli.one_line_errors():
-        if not _MODEL.value:
-            raise ValueError("`--model` is required: the path of a `.keras` file.")
-        if not _EXPORT_DIR.value:
-            raise ValueError("`--export_dir` is required: the SavedModel directory to write.")
-        print(export_savedmodel(_MODEL.value, _EXPORT_DIR.value, _SERVING_DTYPE.value))
+    if not _MODEL.value:
+        raise tfmp.cli.UsageError("`--model` is required: the path of a `.keras` file.")
+    if not _EXPORT_DIR.value:
+        raise tfmp.cli.UsageError(
+            "`--export_dir` is required: the SavedModel directory to write.")
+    with tfmp.cli.usage_errors():  # the export_dir first, then the model file
+        tfmp.export.validate_serving_dtype(_SERVING_DTYPE.value)
+        tfmp.export.check_export_dir(_EXPORT_DIR.value)
+        model = tfmp.cli.load_keras_file(_MODEL.value, argument="--model")
+    print(_export(model, _EXPORT_DIR.value, _SERVING_DTYPE.value))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    tfmp.cli.run(main)

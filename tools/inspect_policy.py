@@ -6,16 +6,16 @@ One row a layer: name, type, policy, compute/variable/output dtype, and the
 Dense/Conv/Embedding/attention dimensions that are not multiples of 8 (see
 `tfmp.convert.summary`). With `--json`, prints the rows as a JSON list instead
 of the table. The model is loaded with `safe_mode=True` and `compile=False` (no
-Lambda code, no pickles, no optimizer). A missing or unreadable file prints one
-`error:` line on stderr and exits with status 1 (TensorFlow's own C++ start-up
-lines may also reach stderr).
+Lambda code, no pickles, no optimizer). A bad flag or argument, or a missing or
+unreadable file, prints one `error:` line on stderr and exits with status 2
+(`tfmp.cli.run`; TensorFlow's own C++ start-up lines may also reach stderr).
 """
 
 import json
 from collections.abc import Callable
 from typing import Any
 
-from absl import app, flags
+from absl import flags
 
 import tfmp
 
@@ -52,14 +52,13 @@ def inspect_policy(
 
 
 def main(argv):
-    with tfmp.cli.one_line_errors():
-        if len(argv) != 2:
-            raise ValueError(
-                "expected exactly one model path: python -m tools.inspect_policy "
-                f"model.keras [--json]. Received: {argv[1:]}"
-            )
+    if len(argv) != 2:
+        raise tfmp.cli.UsageError(
+            "expected exactly one model path: python -m tools.inspect_policy "
+            f"model.keras [--json]. Received: {argv[1:]}")
+    with tfmp.cli.usage_errors():  # every error here is about the file given
         inspect_policy(argv[1], as_json=_JSON.value)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    tfmp.cli.run(main)

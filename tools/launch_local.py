@@ -6,7 +6,9 @@
 Each worker gets a `TF_CONFIG` naming all workers on free loopback ports, and
 its index; its output lines are prefixed with `[worker i]`. The launcher waits
 for all workers and exits 0 when all succeed; as soon as one fails it stops the
-others and exits with that worker's status (128 + signal for a killed worker).
+others and exits with that worker's status (128 + signal for a killed worker). A bad flag
+or argument, or a command that cannot be started, prints one `error:` line and exits with
+status 2 (`tfmp.cli.run`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-from absl import app, flags
+from absl import flags
 
 _NUM_WORKERS = flags.DEFINE_integer("num_workers", 2, "Worker processes to start.")
 _GRACE = 10.0  # seconds between SIGTERM and SIGKILL when stopping workers
@@ -79,6 +81,10 @@ def launch(command: Sequence[str], num_workers: int, *,
     Returns:
         0 when every worker succeeded, else the first failure's exit status
         (128 + signal number for a worker killed by a signal).
+
+    Raises:
+        ValueError: for a bad `num_workers` or an empty `command`.
+        OSError: when the command cannot be started.
     """
     if not isinstance(num_workers, int) or num_workers < 1:
         raise ValueError(
@@ -117,15 +123,16 @@ def launch(command: Sequence[str], num_workers: int, *,
 
 
 def main(argv):
-    command = argv[1:]
+    from tfmp import cli
+
     try:
-        status = launch(command, _NUM_WORKERS.value, print_fn=lambda s: print(s, flush=True))
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    sys.exit(status)
+        return launch(argv[1:], _NUM_WORKERS.value, print_fn=lambda s: print(s, flush=True))
+    except (ValueError, OSError) as e:  # bad arguments, or a command that does not start
+        raise cli.UsageError(str(e)) from e
 
 
 if __name__ == "__main__":
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run `finally`: stop workers
-    app.run(main)
+    from tfmp import cli
+
+    cli.run(main)
