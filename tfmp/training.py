@@ -1,61 +1,50 @@
 """What the recipes share: their flags, argument checks and the training loop (TensorFlow only).
 
-A recipe defines its flags with `define_flags`, checks them with `check_args`
+A recipe defines its flags with `define_flags`, checks them with `prepare`
 before building anything, and calls `train_and_evaluate` with a model builder
 and its datasets. Checkpoints (atomic `BackupAndRestore`, loss-scale state
 included), TensorBoard logs, the loss-scale monitor, throughput and the
 SavedModel export are handled here, the same way for every recipe.
+The settings that define the model are recorded in `model_dir/run.json`, so
+that resuming with another model is refused before it is built.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import os
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import keras
 from absl import flags
 
+from tfmp import _io, cli, distribute, losses, policies
 from tfmp import callbacks as tfmp_callbacks
-from tfmp import distribute, losses, policies
 from tfmp.optimizers import LossScaleOptimizer
 
+# Re-exported: usage errors belong to tfmp.cli, which reports them (exit status 2).
+UsageError = cli.UsageError
+usage_errors = cli.usage_errors
 
-class UsageError(ValueError):
-    """A bad recipe or tool argument: reported as one line, with a non-zero exit."""
-
-
-@contextlib.contextmanager
-def usage_errors() -> Iterator[None]:
-    """Turns the `ValueError`s of argument checks inside the block into `UsageError`s."""
-    try:
-        yield
-    except UsageError:
-        raise
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+RUN_FILE = "run.json"
 
 
 def run_main(run: Callable[..., dict], values: dict, **extra) -> int:
     """Calls a recipe's `run(**values, **extra)` for its `main`, printing the result.
 
+    Errors propagate: `tfmp.cli.run` reports them in one line (exit status 2 for
+    a usage error, 1 for a failure).
+
     Returns:
-        The exit status: 0, or 2 after a one-line error on stderr for a bad
-        argument or a dataset that is not prepared.
+        0, after a `results: {...}` line on stdout.
     """
     from absl import logging as absl_logging
 
     absl_logging.set_verbosity(absl_logging.WARNING)  # TensorFlow's INFO chatter
     logging.getLogger("tfmp").setLevel(logging.INFO)  # e.g. why "auto" chose a policy
-    try:
-        results = run(**values, **extra)
-    except (UsageError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    results = run(**values, **extra)
     print("results: " + json.dumps(results, sort_keys=True))
     return 0
 
@@ -90,8 +79,8 @@ def _positive(name: str, value, allow_none: bool = False) -> None:
 
 def check_args(*, policy: str, loss_scale: str, dataset: str, datasets: tuple, batch_size: int,
                epochs: int, steps_per_epoch: int | None, learning_rate: float,
-               distribution: str, seed: int = 0, export_dir: str | None = None,
-               num_synthetic: int = 1) -> None:
+               distribution: str, seed: int = 0, model_dir: str | None = None,
+               export_dir: str | None = None, num_synthetic: int = 1) -> None:
     """Refuses bad recipe arguments before any model is built.
 
     Raises:
@@ -113,10 +102,80 @@ def check_args(*, policy: str, loss_scale: str, dataset: str, datasets: tuple, b
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"`seed` must be an integer >= 0. Received: seed={seed!r}")
         distribute.validate_distribution(distribution)
-        if export_dir:
-            from tfmp import export
+        check_output_paths(model_dir, export_dir)
 
-            export.check_export_dir(export_dir)  # refused now, not after the training
+
+def check_output_paths(model_dir: str | None, export_dir: str | None) -> None:
+    """Refuses, before any training, output paths that could not be written afterwards.
+
+    Args:
+        model_dir: The run directory (backups, logs, `model.keras`), or None.
+        export_dir: The SavedModel directory, or None.
+
+    Raises:
+        UsageError: for a path that is a file or under one, or read-only; an
+            `export_dir` that is neither new, empty nor a SavedModel, or is
+            `model_dir`, inside it or around it (an export replaces its directory).
+    """
+    if model_dir:
+        cli.check_output_dir(model_dir, argument="model_dir")
+    if export_dir:
+        from tfmp import export
+
+        with usage_errors():
+            export.check_export_dir(export_dir)
+        cli.check_output_dir(export_dir, argument="export_dir", replaced=True)
+    if model_dir and export_dir:
+        run, out = os.path.realpath(model_dir), os.path.realpath(export_dir)
+        if os.path.commonpath([run, out]) in (run, out):
+            raise UsageError(
+                "`export_dir` must be outside `model_dir` and not contain it (the export "
+                "replaces its directory whole). Received: "
+                f"export_dir={export_dir!r}, model_dir={model_dir!r}")
+
+
+def check_run_settings(model_dir: str, settings: dict, *, write: bool = True) -> None:
+    """Refuses to resume a run in `model_dir` with settings that define another model.
+
+    The first run records `settings` in `model_dir/run.json` (written atomically);
+    a later run in the same directory must pass the same settings, else its
+    backup would not fit the model it builds.
+
+    Args:
+        model_dir: The run directory.
+        settings: The JSON-serializable settings that define the model (the
+            recipe, the model's flags, the dataset, which sets the classes).
+        write: Whether this process records them (the chief only).
+
+    Raises:
+        UsageError: naming each setting that differs from the recorded one.
+    """
+    path = os.path.join(model_dir, RUN_FILE)
+    settings = json.loads(json.dumps(settings))  # as they read back: lists, not tuples
+    try:
+        with open(path) as f:
+            recorded = json.load(f)["model_settings"]
+    except FileNotFoundError:
+        recorded = None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UsageError(f"`model_dir` has an unreadable {RUN_FILE} ({type(e).__name__}: "
+                         f"{e}); remove it or pass a new --model_dir. "
+                         f"Received: model_dir={model_dir!r}") from None
+    if recorded is None:
+        if write:
+            os.makedirs(model_dir, exist_ok=True)
+            _io.write_json_atomically(path, {"model_settings": settings})  # fsynced, renamed
+        return
+    names = sorted(set(recorded) | set(settings))
+    changed = [name for name in names if recorded.get(name) != settings.get(name)]
+    if changed:
+        def listed(values):
+            return ", ".join(f"{name}={values.get(name)!r}" for name in changed)
+
+        raise UsageError(
+            f"`model_dir` holds a run with {listed(recorded)}; this run has "
+            f"{listed(settings)}. Pass the same settings to resume that run, or a new "
+            f"--model_dir for a new run. Received: model_dir={model_dir!r}")
 
 
 def prepare(*, cpu_replicas: int = 1, **args) -> None:
@@ -130,7 +189,8 @@ def prepare(*, cpu_replicas: int = 1, **args) -> None:
         **args: The arguments of `check_args`.
 
     Raises:
-        UsageError: for a bad argument, or `multi_worker` without `TF_CONFIG`.
+        UsageError: for a bad argument or output path, or `multi_worker` with a
+            missing or bad `TF_CONFIG`.
     """
     check_args(**args)
     with usage_errors():
@@ -140,7 +200,8 @@ def prepare(*, cpu_replicas: int = 1, **args) -> None:
 
 def make_optimizer(learning_rate: float, policy: str, loss_scale: str = "dynamic"
                    ) -> LossScaleOptimizer:
-    """Adam wrapped in tfmp's LossScaleOptimizer, scaling only under `mixed_float16`.
+    """Adam wrapped in tfmp's LossScaleOptimizer: scaling under `mixed_float16` only,
+    non-finite steps skipped under every policy (`skip_nonfinite`).
 
     Args:
         learning_rate: Adam's learning rate.
@@ -155,7 +216,7 @@ def make_optimizer(learning_rate: float, policy: str, loss_scale: str = "dynamic
         "initial_scale": fixed, "dynamic": False,
         "min_scale": min(1.0, fixed), "max_scale": max(2.0**24, fixed)}
     return LossScaleOptimizer(keras.optimizers.Adam(learning_rate),
-                              enabled=policy == "mixed_float16", **kwargs)
+                              enabled=policy == "mixed_float16", skip_nonfinite=True, **kwargs)
 
 
 def train_and_evaluate(
@@ -173,6 +234,7 @@ def train_and_evaluate(
     distribution: str = "none",
     model_dir: str | None = None,
     export_dir: str | None = None,
+    model_settings: dict | None = None,
     verbose: int = 2,
 ) -> dict:
     """Compiles, fits (resumably), evaluates and optionally exports a model.
@@ -193,6 +255,9 @@ def train_and_evaluate(
         model_dir: Directory for backups (`backup/`), TensorBoard logs (`logs/`)
             and the trained model (`model.keras`).
         export_dir: If set, a float32 SavedModel is exported there.
+        model_settings: The settings that define the model: recorded in
+            `model_dir/run.json`, or checked against a previous run's there
+            before the model is built (`check_run_settings`).
         verbose: Keras `fit` verbosity.
 
     Returns:
@@ -201,19 +266,25 @@ def train_and_evaluate(
         steps, over resumed runs too), `examples_per_second` (one value per epoch
         run), `epochs_run` (in this run), `model_file` (`model_dir/model.keras`,
         or None), `export_dir`.
+
+    Raises:
+        UsageError: when `model_dir` holds a run with other `model_settings`.
     """
     resolved = policies.set_global_policy(policy)
     strategy = distribute.create_strategy(distribution)
     chief = distribute.is_chief(strategy)
+    if model_dir and model_settings is not None:
+        check_run_settings(model_dir, model_settings, write=chief)
     with strategy.scope():
         model = build_model()
         optimizer = make_optimizer(learning_rate, resolved, loss_scale)
         model.compile(optimizer=optimizer, loss=losses.SparseCategoricalCrossentropy(),
                       metrics=["accuracy"], jit_compile=jit_compile)
-    callbacks = [tfmp_callbacks.Throughput(batch_size)]
-    if resolved == "mixed_float16":
-        log_dir = os.path.join(model_dir, "logs", "loss_scale") if model_dir and chief else None
-        callbacks.append(tfmp_callbacks.LossScaleMonitor(log_dir=log_dir))
+    # Every policy: skipped steps are logged, and the monitor guards the model's
+    # non-trainable state (batch-norm statistics) on skipped steps.
+    log_dir = os.path.join(model_dir, "logs", "loss_scale") if model_dir and chief else None
+    callbacks = [tfmp_callbacks.Throughput(batch_size),
+                 tfmp_callbacks.LossScaleMonitor(log_dir=log_dir)]
     if model_dir:
         callbacks.append(tfmp_callbacks.BackupAndRestore(
             os.path.join(model_dir, "backup"), delete_checkpoint=False, write=chief))
@@ -253,15 +324,9 @@ def train_and_evaluate(
 
 
 def _save_model_atomically(model: keras.Model, path: str) -> None:
-    """`model.save(path)` through a partial file renamed into place."""
-    directory, name = os.path.split(path)
-    partial = os.path.join(directory, f".{os.getpid()}.{name}")
-    try:
+    """`model.save(path)` into a hidden sibling, fsynced and renamed into place (`tfmp._io`)."""
+    with _io.atomic_path(path) as partial:
         model.save(partial)
-        os.replace(partial, path)
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
 
 
 def _last(history, key):
