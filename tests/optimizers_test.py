@@ -561,7 +561,8 @@ class ValidationTest(TestCase):
         ("initial_low", dict(initial_scale=0.5), "Received: initial_scale=0.5"),
         ("hysteresis", dict(hysteresis=0), "`hysteresis` must be an integer >= 1"),
         ("growth_steps", dict(dynamic_growth_steps=0), "`dynamic_growth_steps` must be"),
-        ("unknown", dict(foo=1), "arguments: `foo`"),
+        # Keras' wording: 3.12 and later, then 3.11 (the minimum pin).
+        ("unknown", dict(foo=1), r"arguments: `foo`|not recognized: \{'foo': 1\}"),
         ("dynamic_string", dict(dynamic="False"),
          "`dynamic` must be True or False. Received: dynamic='False'"),
         ("enabled_int", dict(enabled=1), "`enabled` must be True or False. Received: enabled=1"),
