@@ -290,7 +290,7 @@ class GuardStateTest(TestCase):
         model.fit(x, y, batch_size=8, shuffle=False, verbose=0,
                   callbacks=[tfmp.callbacks.LossScaleMonitor()])
         self.assertEqual(opt.stats()["skipped_steps"], 1)
-        self.assertEqual(len(opt._guarded), 2)
+        self.assertEqual(len(opt.guarded_variables), 2)
         self.assertTrue(_all_finite(model.non_trainable_variables))
 
     def test_stock_writes_nan_into_statistics(self):

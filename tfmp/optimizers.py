@@ -7,44 +7,18 @@ transition are in `tfmp.loss_scale`, the gradient check in `tfmp._numerics`.
 
 from __future__ import annotations
 
-import contextlib
-import numbers
 import weakref
 
 import keras
 import numpy as np
 from keras import ops
 
-from tfmp import _numerics
+from tfmp import _checks, _numerics
+from tfmp.guarded_state import GuardedState
 from tfmp.loss_scale import STATE_DTYPES, LossScaleState, ScaleRule, next_state
 
 _STATE_NAMES = ("step_counter", "dynamic_scale", "hysteresis_left", "skipped_steps",
                 "consecutive_skipped")  # variable names, as saved since tfmp 0.1
-
-
-def _check(condition: bool, argument: str, value, allowed: str) -> None:
-    if not condition:
-        raise ValueError(f"`{argument}` must be {allowed}. Received: {argument}={value!r}")
-
-
-def _is_bool(value) -> bool:
-    return isinstance(value, (bool, np.bool_))
-
-
-def _number(argument: str, value) -> float:
-    _check(isinstance(value, numbers.Real) and not _is_bool(value), argument, value, "a number")
-    return float(value)
-
-
-def _integer(argument: str, value, minimum: int = 1) -> int:
-    _check(isinstance(value, numbers.Integral) and not _is_bool(value) and value >= minimum,
-           argument, value, f"an integer >= {minimum}")
-    return int(value)
-
-
-def _boolean(argument: str, value) -> bool:
-    _check(_is_bool(value), argument, value, "True or False")
-    return bool(value)
 
 
 def _can_assign(value) -> bool:
@@ -170,35 +144,36 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
         name: str | None = None,
         **kwargs,
     ):
-        _check_inner(inner_optimizer)
-        numbers_ = {arg: _number(arg, value) for arg, value in (
+        _checks.check_inner_optimizer(inner_optimizer)
+        numbers_ = {arg: _checks.number(arg, value) for arg, value in (
             ("initial_scale", initial_scale), ("growth_factor", growth_factor),
             ("backoff_factor", backoff_factor), ("min_scale", min_scale),
             ("max_scale", max_scale))}
         for argument in ("initial_scale", "min_scale", "max_scale"):
             # The scale lives in a float32 variable: 1e-46 would be stored as 0.
             value = numbers_[argument]
-            _check(_numerics.FLOAT32_TINY <= value <= _numerics.FLOAT32_MAX, argument, value,
+            _checks.check(_numerics.FLOAT32_TINY <= value <= _numerics.FLOAT32_MAX, argument, value,
                    f"in float32's normal range [{_numerics.FLOAT32_TINY:.4g}, "
                    f"{_numerics.FLOAT32_MAX:.4g}]")
         initial_scale, min_scale, max_scale = (
             numbers_["initial_scale"], numbers_["min_scale"], numbers_["max_scale"])
-        _check(numbers_["growth_factor"] > 1, "growth_factor", growth_factor, "> 1")
-        _check(0 < numbers_["backoff_factor"] < 1, "backoff_factor", backoff_factor, "in (0, 1)")
-        _check(min_scale <= max_scale, "min_scale", min_scale, f"<= max_scale ({max_scale})")
-        _check(min_scale <= initial_scale <= max_scale, "initial_scale", initial_scale,
+        _checks.check(numbers_["growth_factor"] > 1, "growth_factor", growth_factor, "> 1")
+        _checks.check(0 < numbers_["backoff_factor"] < 1, "backoff_factor", backoff_factor,
+                      "in (0, 1)")
+        _checks.check(min_scale <= max_scale, "min_scale", min_scale, f"<= max_scale ({max_scale})")
+        _checks.check(min_scale <= initial_scale <= max_scale, "initial_scale", initial_scale,
                f"in [min_scale, max_scale] = [{min_scale}, {max_scale}]")
-        dynamic = _boolean("dynamic", dynamic)
+        dynamic = _checks.boolean("dynamic", dynamic)
         if dynamic_growth_steps is None:
             growth_steps = 2000
         else:
-            growth_steps = _integer("dynamic_growth_steps", dynamic_growth_steps)
-            _check(dynamic or growth_steps == 2000, "dynamic_growth_steps",
+            growth_steps = _checks.integer("dynamic_growth_steps", dynamic_growth_steps)
+            _checks.check(dynamic or growth_steps == 2000, "dynamic_growth_steps",
                    dynamic_growth_steps, "None with dynamic=False (a fixed scale never grows)")
-        hysteresis = _integer("hysteresis", hysteresis)
-        enabled = _boolean("enabled", enabled)
-        skip_nonfinite = _boolean("skip_nonfinite", skip_nonfinite)
-        _check(skip_nonfinite or not enabled, "skip_nonfinite", skip_nonfinite,
+        hysteresis = _checks.integer("hysteresis", hysteresis)
+        enabled = _checks.boolean("enabled", enabled)
+        skip_nonfinite = _checks.boolean("skip_nonfinite", skip_nonfinite)
+        _checks.check(skip_nonfinite or not enabled, "skip_nonfinite", skip_nonfinite,
                "True when enabled=True (a scaled step that overflows must be skipped, and the "
                "scale lowered)")
         super().__init__(inner_optimizer, initial_scale, growth_steps, name=name, **kwargs)
@@ -255,8 +230,7 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
                 object.__setattr__(self, attr, keras.Variable(
                     keras.initializers.Zeros(), shape=(), dtype=dtype, trainable=False,
                     name=attr.strip("_"), aggregation=aggregation, synchronization=sync))
-        object.__setattr__(self, "_guarded", [])  # (variable, shadow) pairs
-        object.__setattr__(self, "_guarded_layers", [])  # weak references
+        object.__setattr__(self, "_guarded", GuardedState())
 
     @keras.src.utils.tracking.no_automatic_dependency_tracking
     def build(self, var_list):
@@ -343,23 +317,16 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
     def guard_state(self, variables) -> bool:
         """Restores `variables` to their values before the step on every skipped step.
 
-        A forward pass updates non-trainable state before the optimizer sees the
-        gradients: one NaN pixel writes NaN into every batch-normalisation
-        `moving_mean`/`moving_variance`. Guarded variables get a shadow copy
-        (memory: one copy of them, frozen layers' weights included; time: one
-        `where` and two assigns each per step); on a skipped step they are set
-        back to it. Given a model or layer, variables it creates later (a model
-        built by its first batch) are guarded too, from the next traced or eager
-        step on. Call it eagerly, before the train step is traced, and after
-        restoring any checkpoint (or call `sync_guarded_state`).
-        `tfmp.callbacks.LossScaleMonitor` does it for `fit`. Works with
-        `apply`/`apply_gradients` on every backend; JAX's stateless `fit` path
-        returns the model's non-trainable state outside the optimizer and is
-        not guarded.
+        See `tfmp.guarded_state.GuardedState` for how, and what it costs. Call it
+        eagerly, before the train step is traced, and after restoring any
+        checkpoint (or call `sync_guarded_state`). `tfmp.callbacks.LossScaleMonitor`
+        does it for `fit`. Works with `apply`/`apply_gradients` on every backend;
+        JAX's stateless `fit` path returns the model's non-trainable state outside
+        the optimizer and is not guarded.
 
         Args:
-            variables: A model or layer (its `non_trainable_variables`) or a list
-                of variables. Variables already guarded are kept once.
+            variables: A model or layer (its `non_trainable_variables`, also those
+                it creates later) or a list of variables.
 
         Returns:
             Whether anything new is guarded (a traced train step must be traced again).
@@ -368,66 +335,16 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
 
             opt.guard_state(model)
         """
-        new = False
-        if isinstance(variables, keras.layers.Layer):
-            if all(ref() is not variables for ref in self._guarded_layers):
-                self._guarded_layers.append(weakref.ref(variables))
-                new = True
-            variables = variables.non_trainable_variables
-        added = self._guard(variables)
-        if added:
-            self.sync_guarded_state()
-        return new or added
+        return self._guarded.guard(variables)
 
-    def _guard(self, variables) -> bool:
-        known = {id(v) for v, _ in self._guarded}
-        added = False
-        for v in variables:
-            if id(v) in known or not isinstance(v, keras.Variable):
-                continue
-            known.add(id(v))
-            self._guarded.append((v, self._shadow(v)))
-            added = True
-        return added
-
-    def _guard_new_layer_variables(self) -> None:
-        """Guards variables the guarded layers created since (at the first trace or
-        eager step that sees them; their shadows start from their current values)."""
-        for ref in self._guarded_layers:
-            layer = ref()
-            if layer is not None:
-                self._guard(layer.non_trainable_variables)
-
-    @staticmethod
-    def _shadow(v):
-        strategy = _strategy_of(v)
-        with strategy.scope() if strategy is not None else contextlib.nullcontext():
-            return keras.Variable(
-                lambda shape, dtype: ops.copy(v.value), shape=v.shape, dtype=v.dtype,
-                trainable=False, autocast=False, aggregation=v.aggregation,
-                synchronization=getattr(v, "synchronization", "auto"),
-                name=f"{v.name}_before_step")
+    @property
+    def guarded_variables(self) -> list:
+        """The variables `guard_state` restores on a skipped step."""
+        return self._guarded.variables
 
     def sync_guarded_state(self) -> None:
-        """Copies the guarded variables' current values into their shadows (eagerly;
-        under `tf.distribute` each replica copies its own). Call it after loading
-        weights into a guarded model outside `fit`."""
-        def copy():
-            for v, shadow in self._guarded:
-                shadow.assign(v.value)
-
-        strategy = _strategy_of(self._guarded[0][0]) if self._guarded else None
-        if strategy is None:
-            copy()
-        else:
-            strategy.run(copy)
-
-    def _restore_guarded(self, finite):
-        self._guard_new_layer_variables()
-        for v, shadow in self._guarded:
-            value = ops.where(finite, v.value, shadow.value)
-            v.assign(value)
-            shadow.assign(value)
+        """Copies the guarded variables' current values into their shadows."""
+        self._guarded.sync()
 
     # ------------------------------------------------------- loss and grads
     def scale_loss(self, loss):
@@ -580,7 +497,7 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
             # Stateful apply on JAX/PyTorch runs eagerly: a traced `cond` would
             # leave tracers in the variables.
             self.inner_optimizer.apply(grads, trainable_variables)
-        self._restore_guarded(finite)
+        self._guarded.restore(finite)
         self._assign_state(finite, mask, loss_flag)
 
     def _assign_state(self, finite, mask, loss_flag):
@@ -626,7 +543,7 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
         # is therefore built in cross-replica context on every strategy.
         # The gradients were all-reduced, so every replica holds the same mask.
         mask_per_replica, finite_per_replica = self._finite_mask(grads, tvs)
-        self._restore_guarded(finite_per_replica)  # replica-local state, in replica context
+        self._guarded.restore(finite_per_replica)  # replica-local state, in replica context
 
         def cross_replica(distribution, grads, mask_per_replica, loss_flag):
             mask = distribution.experimental_local_results(mask_per_replica)[0]
@@ -698,24 +615,3 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
             skip_nonfinite=self.skip_nonfinite,
         )
         return config
-
-
-def _check_inner(inner_optimizer) -> None:
-    if isinstance(inner_optimizer, keras.optimizers.LossScaleOptimizer):
-        raise ValueError(
-            "`inner_optimizer` is already a LossScaleOptimizer and cannot be wrapped "
-            f"again. Received: inner_optimizer={inner_optimizer!r}; pass the optimizer "
-            "it wraps instead.")
-    _check(isinstance(inner_optimizer, keras.optimizers.Optimizer),
-           "inner_optimizer", inner_optimizer, "a `keras.optimizers.Optimizer` instance")
-    owner = getattr(inner_optimizer, "_tfmp_wrapper", None)
-    if owner is not None and owner() is not None:
-        raise ValueError(
-            "`inner_optimizer` is already wrapped by another LossScaleOptimizer "
-            f"({owner().name!r}); two wrappers would both update its variables. Received: "
-            f"inner_optimizer={inner_optimizer!r}; create a new inner optimizer instead.")
-
-
-def _strategy_of(v):
-    """The `tf.distribute` strategy a variable was made under, if any (duck-typed)."""
-    return getattr(v.value, "_distribute_strategy", None)
