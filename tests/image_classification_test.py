@@ -38,6 +38,29 @@ class RunTest(TestCase):
         self.assertEqual(served["output_0"].dtype, tf.float32)
         np.testing.assert_allclose(served["output_0"].numpy().sum(axis=1), [1, 1], rtol=1e-5)
 
+    @parameterized.named_parameters(("mixed_float16", "mixed_float16"),
+                                    ("mixed_bfloat16", "mixed_bfloat16"), ("float32", "float32"))
+    def test_one_nan_pixel_leaves_the_model_usable(self, policy):
+        # Issue 9: the forward pass of a NaN batch wrote NaN into every batch-norm
+        # statistic of resnet_mini; evaluation and the export then served NaN.
+        rng = np.random.default_rng(0)
+        x = rng.random((32, 16, 16, 3), dtype=np.float32)
+        y = rng.integers(0, 10, 32).astype("int32")
+        x_bad = x.copy()
+        x_bad[9, 3, 4, 1] = np.nan  # one pixel of the second batch
+        train = tf.data.Dataset.from_tensor_slices((x_bad, y)).batch(8)
+        evaluation = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
+        export_dir = os.path.join(self.tmp_dir(), "export")
+        results = image_classification.run(
+            dataset="synthetic", image_size=16, batch_size=8, epochs=1, policy=policy,
+            export_dir=export_dir, dataset_override=(train, evaluation), verbose=0)
+        self.assertEqual(results["skipped_steps"], 1)
+        self.assertEqual(results["optimizer_steps"], 3)
+        self.assertTrue(np.isfinite(results["eval_loss"]), results)
+        served = tf.saved_model.load(export_dir).signatures["serving_default"](
+            tf.constant(x[:4]))["output_0"].numpy()
+        self.assertTrue(np.isfinite(served).all())
+
     def test_synthetic_default_learns(self):
         results = image_classification.run(
             batch_size=32, epochs=3, steps_per_epoch=8, num_synthetic=512, learning_rate=3e-3,
