@@ -1,5 +1,6 @@
 """Shared test base: every test starts and ends with a float32 global policy."""
 
+import os
 import shutil
 import tempfile
 
@@ -41,6 +42,14 @@ class TestCase(parameterized.TestCase):
         path = tempfile.mkdtemp(prefix="tfmp-test-")
         self.addCleanup(shutil.rmtree, path, ignore_errors=True)
         return path
+
+    def tmp_dir_with_a_file(self, name: str = "afile") -> tuple[str, str]:
+        """A fresh temporary directory holding one small file; returns both paths."""
+        directory = self.tmp_dir()
+        path = os.path.join(directory, name)
+        with open(path, "w") as f:
+            f.write("x")
+        return directory, path
 
     def assertAllFinite(self, values, msg=None):
         for v in values if isinstance(values, (list, tuple)) else [values]:

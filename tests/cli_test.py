@@ -108,10 +108,7 @@ class CallTest(TestCase):
 class OutputPathTest(TestCase):
     def setUp(self):
         super().setUp()
-        self.dir = self.tmp_dir()
-        self.file = os.path.join(self.dir, "afile")
-        with open(self.file, "w") as f:
-            f.write("x")
+        self.dir, self.file = self.tmp_dir_with_a_file()
 
     def test_writable_dirs(self):
         for path in (self.dir, os.path.join(self.dir, "new", "deeper")):

@@ -104,9 +104,7 @@ class EarlyChecksTest(TestCase):
          r"^`export_dir` must be outside `model_dir` and not contain it"),
     )
     def test_output_paths(self, paths, message):  # item 1
-        directory = self.tmp_dir()
-        with open(os.path.join(directory, "afile"), "w") as f:
-            f.write("x")
+        directory, _ = self.tmp_dir_with_a_file()
         self._refused(message, **{k: os.path.join(directory, v) for k, v in paths.items()})
 
     def test_read_only_export_parent(self):  # item 1; root ignores modes: mock os.access

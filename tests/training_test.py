@@ -88,10 +88,7 @@ class OutputPathsTest(TestCase):
 
     def setUp(self):
         super().setUp()
-        self.dir = self.tmp_dir()
-        self.file = os.path.join(self.dir, "afile")
-        with open(self.file, "w") as f:
-            f.write("x")
+        self.dir, self.file = self.tmp_dir_with_a_file()
 
     def _check(self, **paths):
         training.check_args(**{**_ARGS, **paths})
