@@ -392,12 +392,13 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
         return out
 
     # ----------------------------------------------------------------- apply
-    def _prepare(self, grads, trainable_variables, scale, unscaled_flag):
+    def _prepare(self, grads, trainable_variables, scale, unscaled_flag=None):
         """Unscales `grads` unless `get_unscaled_gradients` did in this step.
 
-        Gradients of `overwrite_with_gradient` variables are never unscaled (and
-        are scaled back if `get_unscaled_gradients` divided them). Returns the
-        gradients, the variables and the new value of the flag (0).
+        `unscaled_flag` is that step's flag (None on the stateless path, which
+        has none). Gradients of `overwrite_with_gradient` variables are never
+        unscaled (and are scaled back if `get_unscaled_gradients` divided them).
+        Returns the gradients and the variables.
         """
         tvs = list(self._trainable_variables if trainable_variables is None
                    else trainable_variables)
@@ -406,23 +407,26 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
                 f"`grads` and `trainable_variables` must have the same length. Received: "
                 f"{len(grads)} gradients for {len(tvs)} variables.")
         if not self.enabled:
-            return list(grads), tvs, ops.zeros_like(unscaled_flag)
-        unscaled = ops.greater(unscaled_flag, 0)
-        divisor = ops.where(unscaled, ops.ones_like(scale), scale)
-        restore = ops.where(unscaled, 1.0 / scale, ops.ones_like(scale))
+            return list(grads), tvs
+        divisor, restore = scale, None
+        if unscaled_flag is not None:
+            unscaled = ops.greater(unscaled_flag, 0)
+            divisor = ops.where(unscaled, ops.ones_like(scale), scale)
+            restore = ops.where(unscaled, 1.0 / scale, ops.ones_like(scale))
         out = []
         for g, v in zip(grads, tvs, strict=True):
-            if g is not None:
-                keep = self._overwrite_variable_with_gradient(v)
-                g = _numerics.divide_in_float32(g, restore if keep else divisor)
+            if g is not None and not self._overwrite_variable_with_gradient(v):
+                g = _numerics.divide_in_float32(g, divisor)
+            elif g is not None and restore is not None:
+                g = _numerics.divide_in_float32(g, restore)
             out.append(g)
-        return out, tvs, ops.zeros_like(unscaled_flag)
+        return out, tvs
 
     def _prepare_stateful(self, grads, trainable_variables):
-        grads, tvs, flag = self._prepare(
+        grads, tvs = self._prepare(
             grads, trainable_variables, self.dynamic_scale.value,
             self._unscaled_this_step.value)
-        self._unscaled_this_step.assign(flag)
+        self._unscaled_this_step.assign(ops.zeros((), "int32"))  # the step is done
         return grads, tvs
 
     def _finite_mask(self, grads, trainable_variables):
@@ -574,7 +578,7 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
         index = {id(v): i for i, v in enumerate(self._variables)}
         state_idx = [index[id(v)] for v in self._state_vars]
         scale = own[index[id(self.dynamic_scale)]]
-        grads, tvs, _ = self._prepare(list(grads), None, scale, ops.zeros((), "int32"))
+        grads, tvs = self._prepare(list(grads), None, scale)
         if not (self.enabled or self.skip_nonfinite):
             new_tvs, new_inner = self.inner_optimizer.stateless_apply(
                 inner, grads, trainable_variables)
