@@ -1,12 +1,25 @@
 """Shared test base: every test starts and ends with a float32 global policy."""
 
+import importlib.util
 import os
 import shutil
 import tempfile
+import unittest
 
 import keras
 import numpy as np
 from absl.testing import parameterized
+
+BACKEND = keras.backend.backend()
+HAS_TENSORFLOW = importlib.util.find_spec("tensorflow") is not None
+
+# Tests of TensorFlow-only behaviour (tf.function, tf.distribute, tf.data,
+# SavedModel, GradientTape loops): skipped on the other Keras backends, where
+# the CI's second run (`.ci/run`, no TensorFlow installed) runs the core tests.
+requires_tensorflow = unittest.skipUnless(
+    BACKEND == "tensorflow", f"TensorFlow backend only (KERAS_BACKEND={BACKEND})")
+# Tests that need TensorFlow installed but not as the backend (e.g. a subprocess under it).
+requires_tensorflow_installed = unittest.skipUnless(HAS_TENSORFLOW, "TensorFlow not installed")
 
 
 def two_replica_strategy():
