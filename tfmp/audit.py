@@ -1,6 +1,7 @@
 """Precision audit: which layers overflow or underflow in float16, and what loss scale to use.
 
-TensorFlow-specific: gradients are taken with `tf.GradientTape`.
+Backend-agnostic: gradients are taken with the backend's own autodiff
+(`tfmp._autodiff.gradients`: `tf.GradientTape`, `jax.grad` or `torch.autograd`).
 This module holds the computation (`audit_model`, the graph walk, the
 gradient statistics, `activation_bytes_per_example`); the report it returns
 (`AuditReport`, `LayerAudit`, `GradientAudit`, with `fnmatch_escape`,
@@ -75,17 +76,18 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable
 from typing import Any
 
 import keras
 import numpy as np
-import tensorflow as tf
+from keras import tree
+from keras.src.backend.common.masking import get_keras_mask, set_keras_mask
+from keras.src.models.functional import operation_fn as functional_operation_fn
 from keras.src.ops.function import make_node_key
 
-from tfmp import convert, policies
+from tfmp import _autodiff, convert, policies
 from tfmp import layers as tfmp_layers
 from tfmp.audit_report import (
     _LIMITS,
@@ -228,17 +230,14 @@ class _Walker:
         self.dtype = dtype
         self.training = training
         self.rows: list[LayerAudit] = []
-        self.activations: list = []  # Top-level float32 activation tensors (for gradients).
-        self.top_values: dict[int, Any] = {}  # Top-level float32 values by KerasTensor id.
 
     def walk(self, f32_model, mixed_model, f32_inputs, mixed_inputs, input_producers,
-             prefix: str, tape=None):
+             prefix: str):
         f32_probe, f32_fn, f32_pairs = _probe(f32_model)
         mixed_probe, mixed_fn, mixed_pairs = _probe(mixed_model)
         # A probe with one output (a one-layer model) returns a tensor, not a list.
-        with tape if tape is not None else contextlib.nullcontext():
-            f32_out = tf.nest.flatten(f32_probe(list(f32_inputs), training=self.training))
-        mixed_out = tf.nest.flatten(mixed_probe(list(mixed_inputs), training=self.training))
+        f32_out = tree.flatten(f32_probe(list(f32_inputs), training=self.training))
+        mixed_out = tree.flatten(mixed_probe(list(mixed_inputs), training=self.training))
         f32_values, mixed_values, producers = {}, {}, {}
         for t, value, producer in zip(f32_fn.inputs, f32_inputs, input_producers, strict=True):
             f32_values[id(t)] = value
@@ -249,14 +248,10 @@ class _Walker:
         flat_mixed = [t for _, node in mixed_pairs for t in node.output_tensors]
         for t, value in zip(flat_f32, f32_out, strict=True):
             f32_values[id(t)] = value
-            if tape is not None and _is_float(value):
-                self.activations.append(value)
         for t, value in zip(flat_mixed, mixed_out, strict=True):
             mixed_values[id(t)] = value
         mixed_ids = {id(t): id(m) for t, m in zip(  # f32 tensor id -> mixed one, by position.
             [*flat_f32, *f32_fn.inputs], [*flat_mixed, *mixed_fn.inputs], strict=True)}
-        if tape is not None:
-            self.top_values = f32_values
         for (op, node), (mixed_op, _) in zip(f32_pairs, mixed_pairs, strict=True):
             inputs_producers = [row for t in node.input_tensors
                                 for row in producers.get(id(t), [])]
@@ -376,6 +371,66 @@ def _fractions(values: np.ndarray, dtype: str, scale: float) -> dict[str, Any]:
         "underflow_fraction_scaled": float(np.sum(nonzero * scale < tiny) / n),
         "overflow_fraction_scaled": float(np.sum(nonzero * scale > top) / n),
     }
+
+
+def _perturbed_forward(fn, inputs, training: bool, perturbations, outputs: list):
+    """Runs `fn`'s graph, adding `perturbations[i]` to its i-th float layer output.
+
+    The outputs as computed (perturbed) are appended to `outputs` in call order;
+    with `perturbations=None` nothing is added. The gradient of a loss with
+    respect to a zero perturbation is its gradient with respect to that layer's
+    output: the activation gradient that flows through a mixed backward pass.
+    """
+
+    def operation(op):
+        call = functional_operation_fn(op, training=training)
+
+        def perturbed(*args, **kwargs):
+            result = call(*args, **kwargs)
+            flat = []
+            for value in tree.flatten(result):
+                if _is_float(value):
+                    if perturbations is not None:
+                        mask = get_keras_mask(value)
+                        value = value + perturbations[len(outputs)]
+                        if mask is not None:
+                            set_keras_mask(value, mask)
+                    outputs.append(value)
+                flat.append(value)
+            return tree.pack_sequence_as(result, flat)
+
+        return perturbed
+
+    return fn._run_through_graph(inputs, operation_fn=operation)
+
+
+def _loss_gradients(f32, loss_fn, inputs, y, training: bool):
+    """The float32 copy's mean-loss gradients: `(weight_grads, activation_grads)` as numpy.
+
+    Weights: the trainable variables. Activations: every float output of the
+    top-level layers (a nested model is one layer here). Runs on every backend
+    (`tfmp._autodiff.gradients`) and changes no variable: the forward pass runs
+    in a `keras.StatelessScope` (a BatchNormalization under `training=True`
+    does not update its moving statistics).
+    """
+    fn = _graph(f32)[0]
+    inputs = [keras.ops.convert_to_tensor(x) for x in inputs]
+    target = keras.ops.convert_to_tensor(y)
+    variables = list(f32.trainable_variables)
+    shapes: list = []
+    with keras.StatelessScope():
+        _perturbed_forward(fn, inputs, training, None, shapes)
+    zeros = [keras.ops.zeros(keras.ops.shape(a), a.dtype) for a in shapes]
+
+    def loss(values, perturbations):
+        with keras.StatelessScope(state_mapping=list(zip(variables, values, strict=True))):
+            prediction = _perturbed_forward(fn, inputs, training, perturbations, [])
+            return keras.ops.mean(loss_fn(target, prediction))
+
+    weight_grads, activation_grads = _autodiff.gradients(
+        loss, [v.value for v in variables], zeros)
+    as_numpy = lambda grads: [keras.ops.convert_to_numpy(g) for g in grads if g is not None]  # noqa: E731
+    return as_numpy(weight_grads), as_numpy(activation_grads)
 
 
 def _gradient_audit(weight_grads, activation_grads, dtype: str, loss_scale: float | None
@@ -563,19 +618,10 @@ def audit_model(
         mixed = convert.apply_policy(model, policy, float32_layers=_ALWAYS_FLOAT32)
     dtype = _target_dtype(mixed, policy)
     walker = _Walker(dtype, training)
-    tape = tf.GradientTape() if loss_fn is not None else None
-    walker.walk(f32, mixed, inputs, inputs, [[] for _ in inputs], "", tape=tape)
+    walker.walk(f32, mixed, inputs, inputs, [[] for _ in inputs], "")
     gradients, recommended = None, None
-    if tape is not None:
-        prediction = walker.top_values[id(_graph(f32)[0].outputs[0])]
-        with tape:
-            value = keras.ops.mean(loss_fn(keras.ops.convert_to_tensor(y), prediction))
-        variables = list(f32.trainable_variables)
-        grads = tape.gradient(value, variables + walker.activations)
-        weight_grads = [keras.ops.convert_to_numpy(g) for g in grads[:len(variables)]
-                        if g is not None]
-        activation_grads = [keras.ops.convert_to_numpy(g) for g in grads[len(variables):]
-                            if g is not None]
+    if loss_fn is not None:
+        weight_grads, activation_grads = _loss_gradients(f32, loss_fn, inputs, y, training)
         gradients, recommended = _gradient_audit(weight_grads, activation_grads, dtype,
                                                  loss_scale)
     return AuditReport(model=model.name, policy=policy, dtype=dtype, layers=walker.rows,

@@ -21,7 +21,10 @@ import dataclasses
 import os
 
 import numpy as np
-import tensorflow as tf
+
+from tfmp import _tf
+
+tf = _tf.import_tensorflow('tfmp.data')
 
 _AUTOTUNE = tf.data.AUTOTUNE
 _SHUFFLE_BUFFER = 10_000

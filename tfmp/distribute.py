@@ -20,7 +20,9 @@ import os
 import tempfile
 from collections.abc import Iterator
 
-import tensorflow as tf
+from tfmp import _tf
+
+tf = _tf.import_tensorflow('tfmp.distribute')
 
 DISTRIBUTIONS = ("none", "mirrored", "multi_worker")
 _TF_CONFIG_EXAMPLE = ('{"cluster": {"worker": ["host1:port", "host2:port"]}, '

@@ -49,7 +49,7 @@ from typing import Any
 
 import keras
 
-from tfmp import _io
+from tfmp import _io, _tf
 
 SERVING_DTYPES = ("float32", "float16", "bfloat16")
 ENDPOINT = "serve"
@@ -62,15 +62,13 @@ _SAVED_MODEL_ENTRIES = {"saved_model.pb": False, "saved_model.pbtxt": False,
 _VARIABLES_FILE = re.compile(r"^variables\.(index|data-\d{5}-of-\d{5})$")
 
 
-def _tf():
+def _tensorflow():
     if keras.backend.backend() != "tensorflow":
         raise NotImplementedError(
             "tfmp.export needs the TensorFlow Keras backend. "
             f"Current backend: {keras.backend.backend()!r}; set KERAS_BACKEND=tensorflow."
         )
-    import tensorflow as tf
-
-    return tf
+    return _tf.import_tensorflow("tfmp.export")
 
 
 def validate_serving_dtype(serving_dtype: str) -> str:
@@ -129,7 +127,7 @@ def _is_float(dtype) -> bool:
 
 def _input_signature(structure, serving_dtype: str):
     """`tf.TensorSpec`s mirroring `structure`: batch dim None, floats as `serving_dtype`."""
-    tf = _tf()
+    tf = _tensorflow()
 
     def spec(x, name):
         dtype = keras.backend.standardize_dtype(x.dtype)
@@ -152,7 +150,7 @@ def _output_names(model: keras.Model, count: int) -> list[str]:
 
 def _serving_fn(model: keras.Model, structure, serving_dtype: str) -> Callable:
     """The function the SavedModel serves: cast in, call, cast out, name outputs."""
-    tf = _tf()
+    tf = _tensorflow()
     model_dtypes = tf.nest.map_structure(lambda x: keras.backend.standardize_dtype(x.dtype),
                                          structure)
 
@@ -299,7 +297,7 @@ def serving_signature(export_dir: str | os.PathLike, signature: str = SIGNATURE)
         >>> serving_signature("/tmp/serving/1")["outputs"]
         {'output_0': ('float32', (None, 2))}
     """
-    tf = _tf()
+    tf = _tensorflow()
     from tensorflow.core.protobuf import saved_model_pb2
 
     path = os.path.join(os.fspath(export_dir), "saved_model.pb")
