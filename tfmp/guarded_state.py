@@ -100,6 +100,44 @@ class GuardedState:
             shadow.assign(value)
 
 
+def guard_jax_train_step(model: keras.Model, skipped_index: int) -> bool:
+    """Wraps a JAX model's `train_step` to keep its non-trainable state on skipped steps.
+
+    Keras' JAX `fit` is stateless: `train_step(state, data)` returns the
+    non-trainable values of the forward pass (NaN batch-norm statistics after a
+    NaN batch) beside the optimizer's, so the optimizer cannot set them back.
+    The wrapper compares the skipped-step count before and after the step and
+    returns, on a skipped step, the non-trainable values it was given.
+
+    Args:
+        model: The model whose `fit` runs on JAX.
+        skipped_index: Position of the skipped-steps counter in the optimizer's
+            `variables` (the trainer's optimizer state has the same order).
+
+    Returns:
+        Whether the wrapper is new (False: already wrapped).
+
+    Example:
+
+        guard_jax_train_step(model, skipped_index=3)   # done by `opt.guard_state(model)`
+    """
+    step = model.train_step
+    if getattr(step, "_tfmp_guarded", False):
+        return False
+
+    def train_step(state, data):
+        _, old_non_trainable, old_optimizer, _ = state
+        logs, (trainable, non_trainable, optimizer, metrics) = step(state, data)
+        applied = ops.equal(optimizer[skipped_index], old_optimizer[skipped_index])
+        non_trainable = [ops.where(applied, new, old)
+                         for old, new in zip(old_non_trainable, non_trainable, strict=True)]
+        return logs, (trainable, non_trainable, optimizer, metrics)
+
+    train_step._tfmp_guarded = True
+    object.__setattr__(model, "train_step", train_step)  # not a tracked attribute
+    return True
+
+
 def _strategy_of(v):
     """The `tf.distribute` strategy a variable was made under, if any (duck-typed)."""
     return getattr(v.value, "_distribute_strategy", None)

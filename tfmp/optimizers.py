@@ -14,7 +14,7 @@ import numpy as np
 from keras import ops
 
 from tfmp import _checks, _numerics
-from tfmp.guarded_state import GuardedState
+from tfmp.guarded_state import GuardedState, guard_jax_train_step
 from tfmp.loss_scale import STATE_DTYPES, LossScaleState, ScaleRule, next_state
 
 _STATE_NAMES = ("step_counter", "dynamic_scale", "hysteresis_left", "skipped_steps",
@@ -320,9 +320,12 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
         See `tfmp.guarded_state.GuardedState` for how, and what it costs. Call it
         eagerly, before the train step is traced, and after restoring any
         checkpoint (or call `sync_guarded_state`). `tfmp.callbacks.LossScaleMonitor`
-        does it for `fit`. Works with `apply`/`apply_gradients` on every backend;
-        JAX's stateless `fit` path returns the model's non-trainable state outside
-        the optimizer and is not guarded.
+        does it for `fit`. Works with `apply`/`apply_gradients` on every backend.
+        JAX's `fit` is stateless: the model's non-trainable state comes back from
+        the forward pass outside the optimizer, so for a model on JAX its
+        `train_step` is also wrapped to keep the state from before a skipped step
+        (`tfmp.guarded_state.guard_jax_train_step`). A JAX loop of your own that
+        calls `stateless_apply` keeps it the same way (`where(skipped, old, new)`).
 
         Args:
             variables: A model or layer (its `non_trainable_variables`, also those
@@ -335,7 +338,11 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
 
             opt.guard_state(model)
         """
-        return self._guarded.guard(variables)
+        new = self._guarded.guard(variables)
+        if keras.backend.backend() == "jax" and isinstance(variables, keras.Model):
+            skipped_index = [id(v) for v in self.variables].index(id(self.skipped_steps))
+            new = guard_jax_train_step(variables, skipped_index) or new
+        return new
 
     @property
     def guarded_variables(self) -> list:
