@@ -11,11 +11,10 @@ from unittest import mock
 
 import keras
 import numpy as np
-import tensorflow as tf
 from absl.testing import parameterized
 
 import tfmp
-from tests.base import TestCase
+from tests.base import TestCase, requires_tensorflow, tf
 from tfmp import audit, convert
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -183,6 +182,7 @@ class AuditModelTest(TestCase):
         self.assertGreater(inference, 500)
         self.assertLess(training, 5)
 
+    @requires_tensorflow
     def test_recommended_scale_removes_gradient_underflow(self):
         model = _gradient_model()
         rng = np.random.default_rng(1)

@@ -12,6 +12,8 @@ from absl.testing import parameterized
 
 BACKEND = keras.backend.backend()
 HAS_TENSORFLOW = importlib.util.find_spec("tensorflow") is not None
+# The test files of the core import `tf` from here: None where TensorFlow is not installed.
+tf = importlib.import_module("tensorflow") if BACKEND == "tensorflow" else None
 
 # Tests of TensorFlow-only behaviour (tf.function, tf.distribute, tf.data,
 # SavedModel, GradientTape loops): skipped on the other Keras backends, where
@@ -20,6 +22,26 @@ requires_tensorflow = unittest.skipUnless(
     BACKEND == "tensorflow", f"TensorFlow backend only (KERAS_BACKEND={BACKEND})")
 # Tests that need TensorFlow installed but not as the backend (e.g. a subprocess under it).
 requires_tensorflow_installed = unittest.skipUnless(HAS_TENSORFLOW, "TensorFlow not installed")
+
+
+def apply_step(opt, grads, variables) -> None:
+    """One optimizer step the way the backend's `fit` takes it.
+
+    On JAX, `stateless_apply` on the variables' values, written back (JAX's
+    trainer is functional; Keras' own LossScaleOptimizer cannot even `apply`
+    eagerly there: its `cond` leaks a tracer). Elsewhere `opt.apply`.
+    """
+    if BACKEND != "jax":
+        opt.apply(grads, variables)
+        return
+    if not opt.built:
+        opt.build(variables)
+    new_values, new_state = opt.stateless_apply(
+        [v.value for v in opt.variables], list(grads), [v.value for v in variables])
+    for ref, value in zip(opt.variables, new_state, strict=True):
+        ref.assign(value)
+    for ref, value in zip(variables, new_values, strict=True):
+        ref.assign(value)
 
 
 def two_replica_strategy():

@@ -11,12 +11,11 @@ from unittest import mock
 
 import keras
 import numpy as np
-import tensorflow as tf
 from absl.testing import parameterized
 from keras import ops
 
 import tfmp
-from tests.base import TestCase, two_replica_strategy
+from tests.base import TestCase, apply_step, requires_tensorflow, tf, two_replica_strategy
 
 STOCK = keras.optimizers.LossScaleOptimizer
 
@@ -51,7 +50,8 @@ class UpdateStaysFiniteTest(TestCase):
         v = keras.Variable(np.array([1.0, -2.0], "float32"))
         opt = cls(_OPTIMIZERS[optimizer](**_FEATURES[feature]), initial_scale=1.0)
         for _ in range(4):
-            opt.apply([ops.convert_to_tensor(np.array([magnitude, -magnitude], "float32"))], [v])
+            apply_step(opt, [ops.convert_to_tensor(np.array([magnitude, -magnitude], "float32"))],
+                       [v])
         return opt, v
 
     @parameterized.named_parameters(
@@ -92,7 +92,7 @@ class SixteenBitGradientTest(TestCase):
         opt = tfmp.LossScaleOptimizer(keras.optimizers.SGD(1.0), initial_scale=scale)
         # The scaled gradient of 0.01 * 65536 / scale per element, representable in dtype.
         grad = ops.convert_to_tensor(np.full(2, 655.36, "float32"), dtype)
-        opt.apply([grad], [v])
+        apply_step(opt, [grad], [v])
         self.assertFalse(bool(opt.last_step_skipped))
         expected = 1.0 - float(ops.convert_to_numpy(ops.cast(grad, "float32"))[0]) / scale
         self.assertAllClose(ops.cast(v, "float32"), [expected] * 2, rtol=2e-3, atol=0)
@@ -107,10 +107,10 @@ class SixteenBitGradientTest(TestCase):
         inner = (keras.optimizers.Adam(1e-3) if not kwargs
                  else keras.optimizers.SGD(1e-3, **kwargs))
         opt = tfmp.LossScaleOptimizer(inner, initial_scale=1.0)
-        opt.apply([ops.full((100, 100), 20.0, "float16")], [v])
+        apply_step(opt, [ops.full((100, 100), 20.0, "float16")], [v])
         self.assertTrue(bool(opt.last_step_skipped))
         self.assertTrue(_all_finite([v] + opt.variables))
-        opt.apply([ops.full((100, 100), 0.5, "float16")], [v])  # a sum of 2500 is fine
+        apply_step(opt, [ops.full((100, 100), 0.5, "float16")], [v])  # a sum of 2500 is fine
         self.assertFalse(bool(opt.last_step_skipped))
         self.assertTrue(_all_finite([v] + opt.variables))
 
@@ -118,7 +118,7 @@ class SixteenBitGradientTest(TestCase):
         keras.config.set_dtype_policy("float16")
         v = keras.Variable(np.ones(2, "float32"), dtype="float16")
         opt = STOCK(keras.optimizers.SGD(1.0), initial_scale=2.0**16)
-        opt.apply([ops.convert_to_tensor(np.full(2, 655.36, "float16"))], [v])
+        apply_step(opt, [ops.convert_to_tensor(np.full(2, 655.36, "float16"))], [v])
         self.assertAllClose(ops.cast(v, "float32"), [0.99, 0.99], rtol=2e-3)
 
 
@@ -183,6 +183,7 @@ class SkipWithoutScalingTest(TestCase):
         self.assertTrue(any(np.isnan(w).any() for w in model.get_weights()))
 
 
+@requires_tensorflow
 class SparseGradientTest(TestCase):
     """Issue case: Embedding gradients (IndexedSlices) were densified for the check."""
 
@@ -301,6 +302,7 @@ class GuardStateTest(TestCase):
         model.fit(_nan_batch(x), y, batch_size=8, verbose=0)
         self.assertTrue(all(np.isnan(v).all() for v in self._statistics(model)))
 
+    @requires_tensorflow
     def test_custom_loop_with_guard_state(self):
         x, y = _data(8)
         model = _batchnorm_model()
@@ -326,6 +328,7 @@ class GuardStateTest(TestCase):
         self.assertFalse(np.array_equal(before[0], self._statistics(model)[0]))
         self.assertEqual(opt.stats()["nonfinite_loss_steps"], 1)
 
+    @requires_tensorflow
     def test_mirrored_fit_keeps_each_replicas_statistics(self):
         strategy = two_replica_strategy()
         x, y = _data(16)
@@ -347,6 +350,7 @@ class GuardStateTest(TestCase):
         self.assertEqual(opt.stats()["skipped_steps"], 1)
 
 
+@requires_tensorflow
 class NoMergeCallTest(TestCase):
     """The branch for strategies without merge calls (several GPUs with XLA), forced on 2 CPUs.
 

@@ -7,15 +7,15 @@ the same check fails on `keras.optimizers.LossScaleOptimizer`.
 
 import gc
 import os
+import unittest
 
 import keras
 import numpy as np
-import tensorflow as tf
 from absl.testing import parameterized
 from keras import ops
 
 import tfmp
-from tests.base import TestCase, two_replica_strategy
+from tests.base import BACKEND, TestCase, apply_step, requires_tensorflow, tf, two_replica_strategy
 
 STOCK = keras.optimizers.LossScaleOptimizer
 
@@ -47,9 +47,9 @@ class BoundsTest(TestCase):
         opt = cls(keras.optimizers.SGD(0.01), initial_scale=2.0**15, dynamic_growth_steps=1)
         v = _var()
         for _ in range(120):  # 2**15 * 2**120 is past float32's range
-            opt.apply([_grad([1.0, 1.0]) * opt.scale_loss(1.0)], [v])
+            apply_step(opt, [_grad([1.0, 1.0]) * opt.scale_loss(1.0)], [v])
         before = v.numpy().copy()
-        opt.apply([_grad([1.0, 1.0]) * opt.scale_loss(1.0)], [v])
+        apply_step(opt, [_grad([1.0, 1.0]) * opt.scale_loss(1.0)], [v])
         return _scale(opt), not np.array_equal(before, v.numpy())
 
     def _halve_for_200_steps(self, cls):
@@ -57,9 +57,9 @@ class BoundsTest(TestCase):
         opt = cls(keras.optimizers.SGD(0.01))
         v = _var()
         for _ in range(200):  # 2**15 * 2**-200 is 0 in float32
-            opt.apply([_grad([np.nan, 1.0])], [v])
+            apply_step(opt, [_grad([np.nan, 1.0])], [v])
         scale = _scale(opt)
-        opt.apply([_grad([1.0, 1.0]) * opt.scale_loss(1.0)], [v])  # the data is clean again
+        apply_step(opt, [_grad([1.0, 1.0]) * opt.scale_loss(1.0)], [v])  # clean data again
         return scale, v.numpy()
 
     def test_scale_has_ceiling(self):
@@ -95,6 +95,23 @@ class BoundsTest(TestCase):
         scale, weights = self._halve_for_200_steps(STOCK)
         self.assertEqual(scale, 0.0)
         self.assertTrue(np.isnan(weights).all(), weights)
+
+    @unittest.skipUnless(BACKEND == "jax", "JAX only")
+    def test_stock_eager_apply_fails_on_jax(self):
+        # A custom loop calling Keras' class eagerly on JAX: its cond leaks a
+        # tracer into the weights, which fail the next time they are read.
+        import jax
+
+        v = _var()
+        with self.assertRaises(jax.errors.UnexpectedTracerError):
+            STOCK(keras.optimizers.SGD(0.01)).apply([_grad([1.0, 1.0])], [v])
+            ops.convert_to_numpy(v + 0.0)
+        v = _var()
+        opt = tfmp.LossScaleOptimizer(keras.optimizers.SGD(0.5), initial_scale=1.0)
+        opt.apply([_grad([1.0, 1.0])], [v])
+        opt.apply([_grad([np.nan, 1.0])], [v])
+        self.assertAllClose(v, [0.5, 1.5])
+        self.assertEqual(opt.stats()["skipped_steps"], 1)
 
 
 class DynamicsTest(TestCase):
@@ -250,6 +267,7 @@ class CustomLoopTest(TestCase):
     """Stock gap 4: the tf-keras custom-loop API."""
 
     @parameterized.named_parameters(("tf_keras_style", True), ("keras3_style", False))
+    @requires_tensorflow
     def test_gradient_tape_loop_matches_plain_optimizer(self, tf_keras_style):
         x, y = _regression_data()
         loss_fn = keras.losses.MeanSquaredError()
@@ -276,6 +294,7 @@ class CustomLoopTest(TestCase):
         for a, b in zip(model.get_weights(), plain_model.get_weights(), strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
+    @requires_tensorflow
     def test_function_traced_before_build_follows_the_scale(self):
         # A tf-keras loop: scaled loss and unscaled gradients in one tf.function,
         # traced before the first apply builds the optimizer; the apply in another.
@@ -314,6 +333,7 @@ class CustomLoopTest(TestCase):
         self.assertAllClose(v, [-1.0, -1.0])
 
     @parameterized.named_parameters(("eager", False), ("tf_function", True))
+    @requires_tensorflow
     def test_unscaled_gradients_may_be_clipped_or_summed_before_apply(self, compiled):
         v = _var([0.0, 0.0])
         opt = tfmp.LossScaleOptimizer(keras.optimizers.SGD(1.0), initial_scale=2.0**15)
@@ -331,6 +351,7 @@ class CustomLoopTest(TestCase):
         step(_grad([600.0 * scale, 0.0]), _grad([0.0, 800.0 * scale]))  # norm 1000 -> 1
         self.assertAllClose(v, [-0.6, -0.8], rtol=1e-5)
 
+    @requires_tensorflow
     def test_unscaled_gradients_per_replica(self):
         # Each replica unscales its own gradients; the all-reduce sums them once.
         strategy = two_replica_strategy()
@@ -368,6 +389,7 @@ class CustomLoopTest(TestCase):
         self.assertFalse(hasattr(stock, "get_scaled_loss"))
         self.assertFalse(hasattr(stock, "get_unscaled_gradients"))
 
+    @requires_tensorflow
     def test_unscaled_in_one_function_applied_in_another(self):
         v = _var([1.0, 1.0])
         opt = tfmp.LossScaleOptimizer(keras.optimizers.SGD(1.0), initial_scale=1024.0)
@@ -383,6 +405,7 @@ class CustomLoopTest(TestCase):
         opt.apply([_grad([1024.0, 1024.0])], [v])
         self.assertAllClose(v, [-3.0, -6.0])
 
+    @requires_tensorflow
     def test_mixed_float16_custom_loop_keeps_weights_finite(self):
         keras.config.set_dtype_policy("mixed_float16")
         x, y = _regression_data()
@@ -401,6 +424,7 @@ class CustomLoopTest(TestCase):
         self.assertAllFinite(model.get_weights())
 
 
+@requires_tensorflow
 class DistributeTest(TestCase):
     """Stock failure 3: only replica 0's gradients were checked."""
 
@@ -527,6 +551,7 @@ class SerializationTest(TestCase):
         self.assertEqual(loaded["class"], "Adam")  # the loss-scale wrapper is gone
         self.assertEqual(loaded["scale"], 1.0)
 
+    @requires_tensorflow
     def test_tf_checkpoint_keeps_state(self):
         model = self._trained_model(tfmp.LossScaleOptimizer(keras.optimizers.Adam(1e-3)))
         expected = self._state(model.optimizer)

@@ -12,9 +12,13 @@ to their output as `_keras_logits`. Keras' loss objects cast a float16 output to
 float32 first and lose them, so a true-class probability that underflowed to 0
 in float16 is clipped to 1e-7 and the loss reads 16.12 instead of, say, 20.0.
 These losses read the logits before any cast and compute
-`log_softmax(float32(logits))` instead. Where no logits are attached (JAX
-arrays, a squeezed prediction, a raw `ops.softmax`), the float32 cast of
-`y_pred` is used, as in Keras.
+`log_softmax(float32(logits))` instead. Where no logits are attached (a
+traced JAX array under `jit`, as in JAX's `fit` and `evaluate`; a squeezed
+prediction; a raw `ops.softmax`), the float32 cast of `y_pred` is used, as in
+Keras, and the loss equals the float32 model's (which clips the same way). Eager
+JAX arrays carry the logits. On JAX, to keep extreme logits in `fit`, end the
+model with `tfmp.layers.OutputHead(n, activation=None)` and use
+`from_logits=True`.
 
 In `compile`, pass a loss *object* (`tfmp.losses.SparseCategoricalCrossentropy()`):
 Keras wraps a bare function in its own `LossFunctionWrapper`, which casts
