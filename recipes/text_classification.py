@@ -10,6 +10,11 @@ from absl import flags
 
 import tfmp
 
+try:  # TensorFlow only: without it, one `error:` line that says what to install.
+    from tfmp import data, training  # noqa: F401 (used as tfmp.data, tfmp.training)
+except ImportError as e:
+    tfmp.cli.exit_on_import_error(e, __name__)
+
 _FLAGS = tfmp.training.define_flags(datasets=tfmp.data.TEXT_DATASETS,
                                     default_dataset="synthetic_text", default_batch_size=64,
                                     default_epochs=5, default_learning_rate=3e-4)
@@ -23,7 +28,8 @@ _NUM_LAYERS = flags.DEFINE_integer("num_layers", 2, "Encoder blocks.")
 def run(*, policy: str = "mixed_float16", loss_scale: str = "dynamic",
         dataset: str = "synthetic_text", data_dir: str | None = None, batch_size: int = 64,
         epochs: int = 5, steps_per_epoch: int | None = None, learning_rate: float = 3e-4,
-        jit_compile: bool = False, distribution: str = "none", model_dir: str | None = None,
+        jit_compile: str | bool = "auto", steps_per_execution: int = 1,
+        distribution: str = "none", model_dir: str | None = None,
         export_dir: str | None = None, seed: int = 0, seq_len: int = 128,
         vocab_size: int = 20_000, embed_dim: int = 64, num_heads: int = 4, num_layers: int = 2,
         num_synthetic: int = 2048, cpu_replicas: int = 1, dataset_override=None,
@@ -45,7 +51,8 @@ def run(*, policy: str = "mixed_float16", loss_scale: str = "dynamic",
                           epochs=epochs, steps_per_epoch=steps_per_epoch,
                           learning_rate=learning_rate, distribution=distribution, seed=seed,
                           model_dir=model_dir, export_dir=export_dir,
-                          num_synthetic=num_synthetic, cpu_replicas=cpu_replicas)
+                          num_synthetic=num_synthetic, cpu_replicas=cpu_replicas,
+                          steps_per_execution=steps_per_execution, jit_compile=jit_compile)
     with tfmp.cli.usage_errors():
         info = tfmp.data.dataset_info(dataset, seq_len=seq_len)
         for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads),
@@ -70,7 +77,8 @@ def run(*, policy: str = "mixed_float16", loss_scale: str = "dynamic",
                                             num_layers=num_layers),
         train, evaluation, policy=policy, loss_scale=loss_scale, learning_rate=learning_rate,
         epochs=epochs, steps_per_epoch=steps_per_epoch, batch_size=batch_size,
-        jit_compile=jit_compile, distribution=distribution, model_dir=model_dir,
+        jit_compile=jit_compile, steps_per_execution=steps_per_execution,
+        distribution=distribution, model_dir=model_dir,
         export_dir=export_dir, verbose=verbose,
         model_settings={"recipe": "text_classification", "dataset": dataset,
                         "seq_len": seq_len, "vocab_size": vocab_size, "embed_dim": embed_dim,

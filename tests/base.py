@@ -3,6 +3,8 @@
 import importlib.util
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import unittest
 
@@ -22,6 +24,41 @@ requires_tensorflow = unittest.skipUnless(
     BACKEND == "tensorflow", f"TensorFlow backend only (KERAS_BACKEND={BACKEND})")
 # Tests that need TensorFlow installed but not as the backend (e.g. a subprocess under it).
 requires_tensorflow_installed = unittest.skipUnless(HAS_TENSORFLOW, "TensorFlow not installed")
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The environment of the subprocesses the tests start (quiet TensorFlow, this checkout).
+ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO)
+_BLOCK_TENSORFLOW = 'import sys; sys.modules["tensorflow"] = None  # as where it is not installed'
+
+
+def run_python(args, *, backend: str | None = None, without_tensorflow: bool = False,
+               timeout: int = 300) -> subprocess.CompletedProcess:
+    """Runs `python *args` in the repository as a user would, capturing its output.
+
+    Args:
+        args: `["-m", module, *flags]` or `["-c", code]`.
+        backend: `KERAS_BACKEND` for the subprocess (default: inherited).
+        without_tensorflow: Make every `import tensorflow` fail, as on a machine
+            without it (the backend is then JAX unless `backend` says otherwise).
+        timeout: Seconds before the subprocess is killed.
+    """
+    env = dict(ENV)
+    if backend is None and without_tensorflow:
+        backend = "jax"
+    if backend is not None:
+        env["KERAS_BACKEND"] = backend
+    args = list(args)
+    if without_tensorflow and args[0] == "-c":
+        args = ["-c", f"{_BLOCK_TENSORFLOW}\n{args[1]}"]
+    elif without_tensorflow and args[0] == "-m":
+        module, flags = args[1], args[2:]
+        args = ["-c", f"{_BLOCK_TENSORFLOW}\nimport runpy; sys.argv = [{module!r}, *{flags!r}]"
+                      f"\nrunpy.run_module({module!r}, run_name='__main__', alter_sys=True)"]
+    elif without_tensorflow:
+        raise ValueError(f"without_tensorflow needs -m or -c. Received: args={args!r}")
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
 
 
 def apply_step(opt, grads, variables) -> None:

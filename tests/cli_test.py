@@ -9,7 +9,7 @@ from absl import flags
 from absl.testing import parameterized
 
 from tests import recipe_helpers
-from tests.base import TestCase
+from tests.base import HAS_TENSORFLOW, TestCase
 from tfmp import backup, callbacks, cli
 
 
@@ -163,8 +163,20 @@ _PROGRAMS = ("recipes.image_classification", "recipes.text_classification",
 
 
 class CommandLineTest(TestCase):
+    @parameterized.named_parameters(("image", "recipes.image_classification"),
+                                    ("text", "recipes.text_classification"))
+    def test_recipe_without_tensorflow_is_one_line_exit_1(self, module):
+        proc = recipe_helpers.run_cli(module, "--epochs=1", without_tensorflow=True)
+        self.assertEqual(proc.returncode, 1, proc.stderr)
+        self.assertNotIn("Traceback", proc.stderr)
+        [line] = recipe_helpers.error_lines(proc.stderr)
+        self.assertRegex(line, r"^error: ImportError: tfmp\.data needs TensorFlow, which is not "
+                               r"installed here \(.*\): pip install tensorflow ")
+
     @parameterized.named_parameters(*[(name.split(".")[1], name) for name in _PROGRAMS])
     def test_unknown_flag_is_one_line_exit_2(self, module):
+        if module.startswith("recipes.") and not HAS_TENSORFLOW:
+            self.skipTest("the recipes need TensorFlow before they parse a flag")
         proc = recipe_helpers.run_cli(module, "--nosuchflag")
         self.assertEqual(proc.returncode, 2, proc.stderr)
         self.assertNotIn("Traceback", proc.stderr)

@@ -7,11 +7,9 @@ it exercises `stateless_apply`, which TensorFlow never uses.
 
 import importlib.util
 import os
-import subprocess
-import sys
 import unittest
 
-from tests.base import TestCase
+from tests.base import TestCase, run_python
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = r'''
@@ -88,9 +86,7 @@ print("safety ok")
 @unittest.skipIf(importlib.util.find_spec("jax") is None, "jax is not installed")
 class JaxBackendTest(TestCase):
     def _run(self, args):
-        env = dict(os.environ, KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO)
-        return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True,
-                              text=True, timeout=600)
+        return run_python(args, backend="jax", timeout=600)
 
     def test_core_on_jax(self):
         proc = self._run(["-c", SCRIPT])

@@ -6,17 +6,20 @@ import re
 import subprocess
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO)
+from tests import base
+
+REPO = base.REPO
+ENV = base.ENV
 
 
 def command(module: str, *flags: str) -> list[str]:
     return [sys.executable, "-m", module, *flags]
 
 
-def run_cli(module: str, *flags: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(command(module, *flags), cwd=REPO, env=ENV, capture_output=True,
-                          text=True, timeout=timeout)
+def run_cli(module: str, *flags: str, timeout: int = 300,
+            without_tensorflow: bool = False) -> subprocess.CompletedProcess:
+    return base.run_python(["-m", module, *flags], timeout=timeout,
+                           without_tensorflow=without_tensorflow)
 
 
 def results_of(stdout: str) -> dict:

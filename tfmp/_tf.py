@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import importlib.util
+import sys
 from types import ModuleType
 
 INSTALL_HINT = "pip install tensorflow (or pip install tfmp, which depends on it)"
@@ -22,6 +23,8 @@ INSTALL_HINT = "pip install tensorflow (or pip install tfmp, which depends on it
 
 def available() -> bool:
     """Whether TensorFlow can be imported (without importing it)."""
+    if "tensorflow" in sys.modules:  # None: an import that is made to fail
+        return sys.modules["tensorflow"] is not None
     return importlib.util.find_spec("tensorflow") is not None
 
 

@@ -126,6 +126,27 @@ def call(main: Callable[[list[str]], int | None], argv: list[str], *,
     return status or 0
 
 
+def exit_on_import_error(error: ImportError, module_name: str) -> NoReturn:
+    """For a program's module-level imports: one `error:` line and status 1 when run as a script.
+
+    A program imported as a module (a test, another program) gets the error raised.
+
+    Args:
+        error: The ImportError (e.g. tfmp's one-line "needs TensorFlow" error).
+        module_name: The calling module's `__name__`.
+
+    Example:
+
+        try:
+            from tfmp import training  # TensorFlow only
+        except ImportError as e:
+            tfmp.cli.exit_on_import_error(e, __name__)
+    """
+    if module_name != "__main__":
+        raise error
+    sys.exit(report(error))
+
+
 def parse_flags(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
     """Parses the command line into `flag_values`, raising `UsageError` for a bad flag.
 
