@@ -1,10 +1,12 @@
 """Tests for recipes.image_classification: `run` with injected data, TFDS, the CLI."""
 
+import itertools
 import json
 import os
 import signal
 import subprocess
 import time
+import types
 from unittest import mock
 
 import numpy as np
@@ -60,6 +62,23 @@ class RunTest(TestCase):
         served = tf.saved_model.load(export_dir).signatures["serving_default"](
             tf.constant(x[:4]))["output_0"].numpy()
         self.assertTrue(np.isfinite(served).all())
+
+    def test_steps_per_execution_throughput_counts_steps(self):
+        rng = np.random.default_rng(0)
+        x = rng.random((32, 8, 8, 3), dtype=np.float32)
+        y = rng.integers(0, 10, 32).astype("int32")
+        data = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
+        # Throughput's clock: one second per reading (epoch start, each batch-end call).
+        clock = types.SimpleNamespace(perf_counter=itertools.count().__next__)
+        with mock.patch.object(tfmp.callbacks, "time", clock):
+            results = image_classification.run(
+                dataset="synthetic", image_size=8, batch_size=8, epochs=2, steps_per_epoch=4,
+                steps_per_execution=2, dataset_override=(data, data), verbose=0)
+        self.assertEqual(results["optimizer_steps"] + results["skipped_steps"], 8)
+        self.assertEqual(results["steps_per_execution"], 2)
+        self.assertFalse(results["jit_compile"])  # "auto" on a CPU
+        # 4 steps of 8 examples per epoch, in 2 calls: 2 clock seconds.
+        self.assertEqual(results["examples_per_second"], [16.0, 16.0])
 
     def test_synthetic_default_learns(self):
         results = image_classification.run(
@@ -173,6 +192,13 @@ class CommandLineTest(TestCase):
          "error: flag --batch_size=abc: invalid literal for int() with base 10: 'abc' "
          "(--helpfull lists the flags)"),
         ("positional_argument", ["train"], "error: unexpected arguments"),
+        ("steps_per_execution", ["--steps_per_execution=0"],
+         "error: `steps_per_execution` must be a positive integer. Received: "
+         "steps_per_execution=0"),
+        ("steps_per_execution_not_dividing", ["--steps_per_epoch=6", "--steps_per_execution=4"],
+         "error: `steps_per_epoch` must be a multiple of `steps_per_execution`"),
+        ("jit_compile", ["--jit_compile=maybe"],
+         "error: flag --jit_compile=maybe: value should be one of <auto|true|false>"),
     )
     def test_bad_input_is_one_line(self, flags, message):
         proc = recipe_helpers.run_cli(MODULE, *flags)

@@ -1,8 +1,10 @@
 """Tests for tfmp.training and the checkpoint/throughput callbacks it uses."""
 
 import io
+import itertools
 import json
 import os
+import types
 from contextlib import redirect_stderr
 from unittest import mock
 
@@ -24,10 +26,18 @@ def _model():
                              tfmp.layers.OutputHead(3)])
 
 
-def _data(n=64, batch=8):
+def _data(n=64, batch=8, nan=False):
     x, y = tfmp.data.synthetic_text(n, 4, 50, 3, seed=0)  # learnable, small, int ids
+    x = x.astype("float32") / 50
+    if nan:
+        x[:] = np.nan  # every step is skipped
     import tensorflow as tf
-    return tf.data.Dataset.from_tensor_slices((x.astype("float32") / 50, y)).batch(batch)
+    return tf.data.Dataset.from_tensor_slices((x, y)).batch(batch)
+
+
+def _fake_clock():
+    """A `time` module for `tfmp.callbacks` whose clock advances one second per reading."""
+    return types.SimpleNamespace(perf_counter=itertools.count().__next__)
 
 
 class ArgsTest(TestCase):
@@ -51,6 +61,15 @@ class ArgsTest(TestCase):
         ("steps", dict(steps_per_epoch=0), "steps_per_epoch=0"),
         ("learning_rate", dict(learning_rate=0.0), "learning_rate=0.0"),
         ("distribution", dict(distribution="tpu"), "Unknown `distribution`: 'tpu'"),
+        ("steps_per_execution", dict(steps_per_execution=0), r"^`steps_per_execution` must be "
+         r"a positive integer. Received: steps_per_execution=0$"),
+        ("steps_per_execution_bool", dict(steps_per_execution=True), "steps_per_execution=True"),
+        ("steps_per_execution_not_dividing", dict(steps_per_epoch=6, steps_per_execution=4),
+         r"^`steps_per_epoch` must be a multiple of `steps_per_execution` \(Keras runs whole "
+         r"executions: each epoch would run 8 steps\). Received: steps_per_epoch=6, "
+         r"steps_per_execution=4$"),
+        ("jit_compile", dict(jit_compile="maybe"), r"^`jit_compile` must be one of 'auto', "
+         r"'true', 'false' \(or a bool\). Received: jit_compile='maybe'$"),
     )
     def test_bad_args(self, override, message):
         with self.assertRaisesRegex(training.UsageError, message):
@@ -58,6 +77,15 @@ class ArgsTest(TestCase):
 
     def test_good_args(self):
         training.check_args(**_ARGS)  # raises nothing
+        training.check_args(**{**_ARGS, "steps_per_epoch": 8, "steps_per_execution": 4,
+                               "jit_compile": "true"})
+        training.check_args(**{**_ARGS, "steps_per_execution": 3})  # a full pass: any
+
+    @parameterized.named_parameters(
+        ("auto", "auto", "auto"), ("true", "true", True), ("false_upper", "FALSE", False),
+        ("bool", True, True))
+    def test_parse_jit_compile(self, value, expected):
+        self.assertEqual(training.parse_jit_compile(value), expected)
 
     @parameterized.named_parameters(
         ("mixed_dynamic", "mixed_float16", "dynamic", True, True, 2.0**15),
@@ -207,3 +235,42 @@ class TrainAndEvaluateTest(TestCase):
         self.assertEqual(first["optimizer_steps"], 8)
         # Only the third epoch ran, on top of the restored optimizer state.
         self.assertEqual((second["epochs_run"], second["optimizer_steps"]), (1, 12))
+
+    def test_steps_per_execution_and_jit_compile_reach_compile(self):
+        compile_calls = []
+        real_compile = keras.Model.compile
+
+        def spy(model, *args, **kwargs):
+            compile_calls.append(kwargs)
+            return real_compile(model, *args, **kwargs)
+
+        with mock.patch.object(keras.Model, "compile", spy), \
+                mock.patch.object(tfmp.callbacks, "time", _fake_clock()):
+            results = training.train_and_evaluate(
+                _model, _data(), None, policy="float32", epochs=2, steps_per_epoch=4,
+                steps_per_execution=2, batch_size=8, verbose=0)
+        self.assertEqual((compile_calls[0]["jit_compile"],
+                          compile_calls[0]["steps_per_execution"]), ("auto", 2))
+        # Keras' "auto" on a CPU-only machine: no XLA.
+        self.assertEqual((results["jit_compile"], results["steps_per_execution"]), (False, 2))
+        self.assertEqual(results["optimizer_steps"] + results["skipped_steps"], 8)
+        # One clock second per batch-end call, 2 calls per epoch of 4 steps of 8 examples.
+        self.assertEqual(results["examples_per_second"], [4 * 8 / 2] * 2)
+
+    def test_hopeless_run_stops_with_steps_per_execution(self):
+        # The monitor's default (max_consecutive_skips=100, check_every=None) reads
+        # after the first execution, then 100 - 2 steps later: it stops at step 100.
+        built = []
+
+        def build():
+            built.append(_model())
+            return built[-1]
+
+        with self.assertRaisesRegex(tfmp.callbacks.LossScaleError,
+                                    r"^100 training steps in a row were skipped"):
+            training.train_and_evaluate(
+                build, _data(nan=True), None, policy="float32", epochs=1, steps_per_epoch=200,
+                steps_per_execution=2, batch_size=8, verbose=0)
+        optimizer = built[0].optimizer
+        self.assertEqual(int(keras.ops.convert_to_numpy(optimizer.skipped_steps)), 100)
+        self.assertEqual(int(keras.ops.convert_to_numpy(optimizer.iterations)), 0)

@@ -70,6 +70,54 @@ def parse_loss_scale(value: str | float) -> float | None:
     return scale
 
 
+JIT_COMPILE_CHOICES = ("auto", "true", "false")
+
+
+def parse_jit_compile(value: str | bool) -> str | bool:
+    """Parses `--jit_compile`: `"auto"` (Keras chooses on the device), `"true"` or `"false"`.
+
+    Args:
+        value: One of `JIT_COMPILE_CHOICES` (any case) or a bool.
+
+    Returns:
+        `"auto"`, True or False: the `jit_compile` argument of `model.compile`.
+
+    Raises:
+        ValueError: for any other value.
+    """
+    if isinstance(value, bool):
+        return value
+    choice = value.lower() if isinstance(value, str) else None
+    if choice not in JIT_COMPILE_CHOICES:
+        raise ValueError("`jit_compile` must be one of 'auto', 'true', 'false' (or a bool). "
+                         f"Received: jit_compile={value!r}")
+    return {"auto": "auto", "true": True, "false": False}[choice]
+
+
+def check_steps_per_execution(steps_per_execution: int, steps_per_epoch: int | None) -> None:
+    """Refuses a `steps_per_execution` that is not a positive integer or does not divide
+    `steps_per_epoch`.
+
+    Keras runs whole executions: with `steps_per_epoch=6` and
+    `steps_per_execution=4` each epoch would run 8 steps.
+
+    Args:
+        steps_per_execution: Train steps per call into the device.
+        steps_per_epoch: Steps per epoch, or None for a full pass over the data.
+
+    Raises:
+        ValueError: naming the argument, the value received and what is allowed.
+    """
+    _positive("steps_per_execution", steps_per_execution)
+    if steps_per_epoch and steps_per_epoch % steps_per_execution:
+        raise ValueError(
+            "`steps_per_epoch` must be a multiple of `steps_per_execution` (Keras runs whole "
+            "executions: each epoch would run "
+            f"{math.ceil(steps_per_epoch / steps_per_execution) * steps_per_execution} steps). "
+            f"Received: steps_per_epoch={steps_per_epoch}, "
+            f"steps_per_execution={steps_per_execution}")
+
+
 def _positive(name: str, value, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
@@ -80,7 +128,8 @@ def _positive(name: str, value, allow_none: bool = False) -> None:
 def check_args(*, policy: str, loss_scale: str, dataset: str, datasets: tuple, batch_size: int,
                epochs: int, steps_per_epoch: int | None, learning_rate: float,
                distribution: str, seed: int = 0, model_dir: str | None = None,
-               export_dir: str | None = None, num_synthetic: int = 1) -> None:
+               export_dir: str | None = None, num_synthetic: int = 1,
+               steps_per_execution: int = 1, jit_compile: str | bool = "auto") -> None:
     """Refuses bad recipe arguments before any model is built.
 
     Raises:
@@ -96,6 +145,8 @@ def check_args(*, policy: str, loss_scale: str, dataset: str, datasets: tuple, b
         _positive("epochs", epochs)
         _positive("steps_per_epoch", steps_per_epoch, allow_none=True)
         _positive("num_synthetic", num_synthetic)
+        check_steps_per_execution(steps_per_execution, steps_per_epoch)
+        parse_jit_compile(jit_compile)
         if not (isinstance(learning_rate, (int, float)) and 0 < learning_rate < math.inf):
             raise ValueError(f"`learning_rate` must be a positive finite number. "
                              f"Received: learning_rate={learning_rate!r}")
@@ -230,7 +281,8 @@ def train_and_evaluate(
     epochs: int = 1,
     steps_per_epoch: int | None = None,
     batch_size: int,
-    jit_compile: bool = False,
+    jit_compile: str | bool = "auto",
+    steps_per_execution: int = 1,
     distribution: str = "none",
     model_dir: str | None = None,
     export_dir: str | None = None,
@@ -250,7 +302,11 @@ def train_and_evaluate(
         epochs: Epochs to train.
         steps_per_epoch: Steps per epoch, or None for a full pass.
         batch_size: Global batch size (for examples/second).
-        jit_compile: Whether to XLA-compile the train step.
+        jit_compile: `"auto"` (Keras' choice on the device: XLA on GPUs, not on
+            CPUs nor under `tf.distribute`), True or False, or the strings of
+            `JIT_COMPILE_CHOICES`.
+        steps_per_execution: Train steps per call into the device (Keras'
+            `steps_per_execution`); callbacks' batch hooks run once per call.
         distribution: `"none"`, `"mirrored"` or `"multi_worker"`.
         model_dir: Directory for backups (`backup/`), TensorBoard logs (`logs/`)
             and the trained model (`model.keras`).
@@ -264,8 +320,9 @@ def train_and_evaluate(
         A dict of final metrics: `policy`, `loss`, `accuracy`, `eval_loss`,
         `eval_accuracy`, `loss_scale`, `skipped_steps`, `optimizer_steps` (applied
         steps, over resumed runs too), `examples_per_second` (one value per epoch
-        run), `epochs_run` (in this run), `model_file` (`model_dir/model.keras`,
-        or None), `export_dir`.
+        run), `epochs_run` (in this run), `jit_compile` (as resolved by Keras),
+        `steps_per_execution`, `model_file` (`model_dir/model.keras`, or None),
+        `export_dir`.
 
     Raises:
         UsageError: when `model_dir` holds a run with other `model_settings`.
@@ -279,7 +336,8 @@ def train_and_evaluate(
         model = build_model()
         optimizer = make_optimizer(learning_rate, resolved, loss_scale)
         model.compile(optimizer=optimizer, loss=losses.SparseCategoricalCrossentropy(),
-                      metrics=["accuracy"], jit_compile=jit_compile)
+                      metrics=["accuracy"], jit_compile=parse_jit_compile(jit_compile),
+                      steps_per_execution=steps_per_execution)
     # Every policy: skipped steps are logged, and the monitor guards the model's
     # non-trainable state (batch-norm statistics) on skipped steps.
     log_dir = os.path.join(model_dir, "logs", "loss_scale") if model_dir and chief else None
@@ -304,6 +362,8 @@ def train_and_evaluate(
         "loss_scale": float(keras.ops.convert_to_numpy(optimizer.loss_scale)),
         "skipped_steps": int(keras.ops.convert_to_numpy(optimizer.skipped_steps)),
         "optimizer_steps": int(keras.ops.convert_to_numpy(optimizer.iterations)),
+        "jit_compile": bool(model.jit_compile),
+        "steps_per_execution": steps_per_execution,
     }
     if eval_data is not None:
         with distribute.keras_fit_scope(model, strategy):
@@ -350,8 +410,7 @@ def define_flags(*, datasets: tuple, default_dataset: str, default_batch_size: i
         defined (when two recipes are imported into one process, as in tests)
         are reused, with the first recipe's defaults.
     """
-    string, integer, real, boolean = (
-        flags.DEFINE_string, flags.DEFINE_integer, flags.DEFINE_float, flags.DEFINE_bool)
+    string, integer, real = flags.DEFINE_string, flags.DEFINE_integer, flags.DEFINE_float
     definitions = {
         "policy": (string, "mixed_float16",
                    f"Dtype policy: {', '.join(policies.POLICY_CHOICES)}."),
@@ -362,7 +421,11 @@ def define_flags(*, datasets: tuple, default_dataset: str, default_batch_size: i
         "epochs": (integer, default_epochs, "Epochs to train."),
         "steps_per_epoch": (integer, None, "Steps per epoch (default: one pass over the data)."),
         "learning_rate": (real, default_learning_rate, "Adam's learning rate."),
-        "jit_compile": (boolean, False, "XLA-compile the train step."),
+        "jit_compile": (_define_jit_compile, "auto",
+                        "XLA-compile the train step: auto (Keras' choice: on GPUs, not on "
+                        "CPUs nor under tf.distribute), true or false."),
+        "steps_per_execution": (integer, 1, "Train steps per call into the device (Keras' "
+                                "steps_per_execution; a divisor of --steps_per_epoch)."),
         "distribution": (string, "none", f"One of: {', '.join(distribute.DISTRIBUTIONS)}."),
         "cpu_replicas": (integer, 1, "Logical CPUs for --distribution=mirrored without GPUs."),
         "model_dir": (string, None, "Checkpoints (resumed from) and TensorBoard logs."),
@@ -377,6 +440,11 @@ def define_flags(*, datasets: tuple, default_dataset: str, default_batch_size: i
         else:
             holders[name] = define(name, default, help_text)
     return holders
+
+
+def _define_jit_compile(name: str, default: str, help_text: str) -> flags.FlagHolder:
+    return flags.DEFINE_enum(name, default, JIT_COMPILE_CHOICES, help_text,
+                             case_sensitive=False)
 
 
 def flag_values(holders: dict) -> dict:
