@@ -1,7 +1,6 @@
 """Helpers for the recipe tests: run a recipe module as a user would."""
 
 import json
-import os
 import re
 import subprocess
 import sys
