@@ -40,12 +40,13 @@ def run_python(args, *, backend: str | None = None, without_tensorflow: bool = F
         args: `["-m", module, *flags]` or `["-c", code]`.
         backend: `KERAS_BACKEND` for the subprocess (default: inherited).
         without_tensorflow: Make every `import tensorflow` fail, as on a machine
-            without it (the backend is then JAX unless `backend` says otherwise).
+            without it (the backend is then this process's, or JAX instead of
+            TensorFlow, unless `backend` says otherwise).
         timeout: Seconds before the subprocess is killed.
     """
     env = dict(ENV)
     if backend is None and without_tensorflow:
-        backend = "jax"
+        backend = BACKEND if BACKEND != "tensorflow" else "jax"
     if backend is not None:
         env["KERAS_BACKEND"] = backend
     args = list(args)

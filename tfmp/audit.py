@@ -272,7 +272,8 @@ class _Walker:
         return [producers.get(id(t), []) for t in f32_fn.outputs]
 
     def audit_op(self, op, prefix, ref_values, mixed_values, input_rows) -> LayerAudit | None:
-        pairs = [(np.asarray(r), np.asarray(m))
+        pairs = [(np.asarray(keras.ops.convert_to_numpy(r)),
+                  np.asarray(keras.ops.convert_to_numpy(m)))
                  for r, m in zip(ref_values, mixed_values, strict=True)
                  if _is_float(r) and _is_float(m)]
         if not pairs:
