@@ -1,7 +1,7 @@
 """tfmp: mixed precision training for Keras 3 (TensorFlow, JAX and PyTorch backends).
 
-The core (`policies`, `LossScaleOptimizer`, `layers`, `normalization`,
-`losses`, `convert`, `audit`, `callbacks`) runs on every Keras backend and is
+The core (`policies`, `LossScaleOptimizer`, `optimizer_config`, `layers`,
+`normalization`, `losses`, `convert`, `audit`, `callbacks`) runs on every Keras backend and is
 imported here. The TensorFlow-only modules (`data`, `distribute`, `export`,
 `training`) and their functions load on first use; without TensorFlow they
 raise a one-line ImportError that says what to install.
@@ -19,6 +19,7 @@ from tfmp import (
     losses,
     models,
     normalization,
+    optimizer_config,
     policies,
 )
 from tfmp.audit import AuditReport, audit_model
@@ -71,6 +72,7 @@ __all__ = [
     "losses",
     "models",
     "normalization",
+    "optimizer_config",
     "policies",
     "policy_scope",
     "resolve_policy",

@@ -20,7 +20,7 @@ from collections.abc import Callable
 import keras
 from absl import flags
 
-from tfmp import _io, cli, distribute, losses, policies
+from tfmp import _io, cli, distribute, losses, optimizer_config, policies
 from tfmp import callbacks as tfmp_callbacks
 from tfmp.optimizers import LossScaleOptimizer
 
@@ -262,12 +262,10 @@ def make_optimizer(learning_rate: float, policy: str, loss_scale: str = "dynamic
     Returns:
         A `tfmp.LossScaleOptimizer`.
     """
-    fixed = parse_loss_scale(loss_scale)
-    kwargs = {} if fixed is None else {
-        "initial_scale": fixed, "dynamic": False,
-        "min_scale": min(1.0, fixed), "max_scale": max(2.0**24, fixed)}
-    return LossScaleOptimizer(keras.optimizers.Adam(learning_rate),
-                              enabled=policy == "mixed_float16", skip_nonfinite=True, **kwargs)
+    config = optimizer_config.OptimizerConfig(optimizer="adam", learning_rate=learning_rate)
+    return optimizer_config.make_optimizer(config, policy=policy, total_steps=None,
+                                           global_batch_size=1,
+                                           loss_scale=parse_loss_scale(loss_scale))
 
 
 def train_and_evaluate(
