@@ -214,10 +214,55 @@ class Float32ComputationTest(TestCase):
 
 _CLASSES = (
     ("sparse", tfmp_losses.SparseCategoricalCrossentropy, {"ignore_class": 2}),
+    ("sparse_smoothed", tfmp_losses.SparseCategoricalCrossentropy, {"label_smoothing": 0.1}),
     ("categorical", tfmp_losses.CategoricalCrossentropy, {"label_smoothing": 0.1}),
     ("binary", tfmp_losses.BinaryCrossentropy, {"from_logits": True, "axis": 1}),
     ("mse", tfmp_losses.MeanSquaredError, {"reduction": "sum"}),
 )
+
+
+class LabelSmoothingTest(TestCase):
+    LOGITS = np.array([[2.0, 0.0, -1.0], [0.5, 1.5, 0.0]], "float32")
+    LABELS = np.array([0, 2])
+
+    def _hand_computed(self, smoothing):
+        z = self.LOGITS.astype(np.float64)
+        log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+        targets = np.full(z.shape, smoothing / 3)
+        targets[np.arange(2), self.LABELS] += 1 - smoothing
+        return -(targets * log_p).sum(axis=1)
+
+    @parameterized.named_parameters(("function", False), ("object", True))
+    def test_sparse_smoothing_matches_the_hand_computed_value(self, as_object):
+        if as_object:
+            loss = tfmp_losses.SparseCategoricalCrossentropy(from_logits=True, label_smoothing=0.1,
+                                                             reduction=None)
+        else:
+            def loss(y, p):
+                return tfmp_losses.sparse_categorical_crossentropy(
+                    y, p, from_logits=True, label_smoothing=0.1)
+        value = loss(self.LABELS, self.LOGITS)
+        self.assertEqual(_dtype(value), "float32")
+        self.assertAllClose(value, self._hand_computed(0.1), rtol=1e-5)
+        self.assertAllClose(tfmp_losses.sparse_categorical_crossentropy(
+            self.LABELS, self.LOGITS, from_logits=True), self._hand_computed(0.0), rtol=1e-5)
+
+    def test_from_a_float16_softmax_head_uses_the_logits(self):
+        keras.config.set_dtype_policy("mixed_float16")
+        probs = keras.activations.softmax(ops.cast(self.LOGITS, "float16"))
+        value = tfmp_losses.sparse_categorical_crossentropy(self.LABELS[:, None], probs,
+                                                            label_smoothing=0.1)
+        self.assertAllClose(value, self._hand_computed(0.1), rtol=2e-3)
+
+    def test_ignored_class_has_no_loss(self):
+        value = tfmp_losses.sparse_categorical_crossentropy(
+            self.LABELS, self.LOGITS, from_logits=True, ignore_class=2, label_smoothing=0.1)
+        self.assertAllClose(value, [self._hand_computed(0.1)[0], 0.0], rtol=1e-5)
+
+    @parameterized.named_parameters(("negative", -0.1), ("above_one", 1.5), ("bool", True))
+    def test_bad_label_smoothing(self, value):
+        with self.assertRaisesRegex(ValueError, r"`label_smoothing` must be a number in \[0, 1\]"):
+            tfmp_losses.SparseCategoricalCrossentropy(label_smoothing=value)
 
 
 class SerializationTest(TestCase):

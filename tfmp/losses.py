@@ -85,7 +85,8 @@ def _with_float32_logits(y_pred):
 
 @keras.saving.register_keras_serializable(package="tfmp")
 def sparse_categorical_crossentropy(
-    y_true, y_pred, from_logits: bool = False, ignore_class: int | None = None, axis: int = -1
+    y_true, y_pred, from_logits: bool = False, ignore_class: int | None = None, axis: int = -1,
+    label_smoothing: float = 0.0,
 ):
     """`keras.losses.sparse_categorical_crossentropy` in float32, from logits where kept.
 
@@ -95,6 +96,9 @@ def sparse_categorical_crossentropy(
         from_logits: Whether `y_pred` holds logits.
         ignore_class: Optional class index whose entries get a loss of 0.
         axis: The class axis.
+        label_smoothing: In [0, 1]: the target puts `1 - label_smoothing +
+            label_smoothing / classes` on the true class and `label_smoothing /
+            classes` on each other one (Keras' sparse loss has no such argument).
 
     Returns:
         The float32 per-example loss.
@@ -104,9 +108,13 @@ def sparse_categorical_crossentropy(
         >>> probs = keras.activations.softmax(ops.cast([[20.0, 0.0]], "float16"))
         >>> float(tfmp.losses.sparse_categorical_crossentropy([1], probs)[0])   # 20.0
     """
+    _check_label_smoothing(label_smoothing)
     y_pred, from_logits = _logits_or_float32(
         y_pred, from_logits, "sparse_categorical_crossentropy"
     )
+    if label_smoothing:
+        return _smoothed_sparse_crossentropy(y_true, y_pred, from_logits, ignore_class, axis,
+                                             label_smoothing)
     return keras.losses.sparse_categorical_crossentropy(
         ops.convert_to_tensor(y_true),
         y_pred,
@@ -114,6 +122,27 @@ def sparse_categorical_crossentropy(
         ignore_class=ignore_class,
         axis=axis,
     )
+
+
+def _check_label_smoothing(label_smoothing) -> None:
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)) or not (
+            0 <= label_smoothing <= 1):
+        raise ValueError("`label_smoothing` must be a number in [0, 1]. "
+                         f"Received: label_smoothing={label_smoothing!r}")
+
+
+def _smoothed_sparse_crossentropy(y_true, y_pred, from_logits, ignore_class, axis, smoothing):
+    """Sparse cross-entropy against smoothed one-hot targets (float32 `y_pred`)."""
+    labels = ops.cast(ops.convert_to_tensor(y_true), "int32")
+    if len(labels.shape) == len(y_pred.shape):
+        labels = ops.squeeze(labels, axis)
+    valid = None if ignore_class is None else ops.not_equal(labels, ignore_class)
+    if valid is not None:
+        labels = ops.where(valid, labels, ops.zeros_like(labels))
+    targets = ops.one_hot(labels, y_pred.shape[axis], axis=axis, dtype="float32")
+    loss = keras.losses.categorical_crossentropy(
+        targets, y_pred, from_logits=from_logits, label_smoothing=smoothing, axis=axis)
+    return loss if valid is None else ops.where(valid, loss, ops.zeros_like(loss))
 
 
 @keras.saving.register_keras_serializable(package="tfmp")
@@ -225,6 +254,7 @@ class SparseCategoricalCrossentropy(_Float32Loss, keras.losses.SparseCategorical
     Args:
         from_logits: Whether `y_pred` holds logits.
         ignore_class: Optional class index whose entries get a loss of 0.
+        label_smoothing: In [0, 1] (see `sparse_categorical_crossentropy`).
         reduction: As for Keras losses (`"sum_over_batch_size"`, ...).
         axis: The class axis.
         name: Optional name.
@@ -233,10 +263,22 @@ class SparseCategoricalCrossentropy(_Float32Loss, keras.losses.SparseCategorical
     Example:
 
         model.compile(optimizer=tfmp.LossScaleOptimizer(keras.optimizers.Adam()),
-                      loss=tfmp.losses.SparseCategoricalCrossentropy())
+                      loss=tfmp.losses.SparseCategoricalCrossentropy(label_smoothing=0.1))
     """
 
     _tfmp_fn = staticmethod(sparse_categorical_crossentropy)
+
+    def __init__(self, from_logits: bool = False, ignore_class: int | None = None,
+                 label_smoothing: float = 0.0, reduction="sum_over_batch_size", axis: int = -1,
+                 name: str = "sparse_categorical_crossentropy", dtype=None):
+        _check_label_smoothing(label_smoothing)
+        super().__init__(from_logits=from_logits, ignore_class=ignore_class,
+                         reduction=reduction, axis=axis, name=name, dtype=dtype)
+        self.label_smoothing = label_smoothing
+        self._fn_kwargs["label_smoothing"] = label_smoothing
+
+    def get_config(self):
+        return {**super().get_config(), "label_smoothing": self.label_smoothing}
 
 
 @keras.saving.register_keras_serializable(package="tfmp")
