@@ -294,8 +294,8 @@ def serving_signature(export_dir: str | os.PathLike, signature: str = SIGNATURE)
 
     Example:
 
-        >>> serving_signature("/tmp/serving/1")["outputs"]
-        {'output_0': ('float32', (None, 2))}
+        serving_signature("/tmp/serving/1")["outputs"]
+        # {'output_0': ('float32', (None, 2))}
     """
     tf = _tensorflow()
     from tensorflow.core.protobuf import saved_model_pb2

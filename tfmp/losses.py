@@ -106,7 +106,8 @@ def sparse_categorical_crossentropy(
     Example:
 
         >>> probs = keras.activations.softmax(ops.cast([[20.0, 0.0]], "float16"))
-        >>> float(tfmp.losses.sparse_categorical_crossentropy([1], probs)[0])   # 20.0
+        >>> float(tfmp.losses.sparse_categorical_crossentropy([1], probs)[0])
+        20.0
     """
     _check_label_smoothing(label_smoothing)
     y_pred, from_logits = _logits_or_float32(
@@ -164,7 +165,8 @@ def categorical_crossentropy(
     Example:
 
         >>> probs = keras.activations.softmax(ops.cast([[20.0, 0.0]], "float16"))
-        >>> float(tfmp.losses.categorical_crossentropy([[0.0, 1.0]], probs)[0])  # 20.0
+        >>> float(tfmp.losses.categorical_crossentropy([[0.0, 1.0]], probs)[0])
+        20.0
     """
     y_pred, from_logits = _logits_or_float32(y_pred, from_logits, "categorical_crossentropy")
     return keras.losses.categorical_crossentropy(
@@ -195,7 +197,8 @@ def binary_crossentropy(
     Example:
 
         >>> probs = keras.activations.sigmoid(ops.cast([[-20.0]], "float16"))
-        >>> float(tfmp.losses.binary_crossentropy([[1.0]], probs)[0])   # 20.0
+        >>> float(tfmp.losses.binary_crossentropy([[1.0]], probs)[0])
+        20.0
     """
     y_pred, from_logits = _logits_or_float32(y_pred, from_logits, "binary_crossentropy")
     return keras.losses.binary_crossentropy(
