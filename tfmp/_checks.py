@@ -25,10 +25,13 @@ def number(argument: str, value) -> float:
     return float(value)
 
 
-def integer(argument: str, value, minimum: int = 1) -> int:
-    """An integer >= `minimum` (numpy integers too, not bools) as a Python int."""
+def integer(argument: str, value, minimum: int = 1, allow_none: bool = False) -> int | None:
+    """An integer >= `minimum` (numpy integers too, not bools) as a Python int, or None
+    where `allow_none`."""
+    if allow_none and value is None:
+        return None
     check(isinstance(value, numbers.Integral) and not _is_bool(value) and value >= minimum,
-          argument, value, f"an integer >= {minimum}")
+          argument, value, f"an integer >= {minimum}{' or None' if allow_none else ''}")
     return int(value)
 
 

@@ -9,7 +9,6 @@ monitor with a `log_dir` raises a one-line `ImportError`.
 from __future__ import annotations
 
 import logging
-import numbers
 import time
 
 import keras
@@ -26,14 +25,6 @@ _WRITER_FEATURE = "LossScaleMonitor(log_dir=...)"
 
 class LossScaleError(RuntimeError):
     """Raised when loss scaling cannot rescue training any more."""
-
-
-def _optional_count(argument: str, value) -> int | None:
-    """None, or an integer >= 1 (numpy integers too, not bools) as a Python int."""
-    _checks.check(value is None or (isinstance(value, numbers.Integral)
-                                    and not isinstance(value, (bool, np.bool_)) and value >= 1),
-                  argument, value, "an integer >= 1 or None")
-    return None if value is None else int(value)
 
 
 def _read_int(variable) -> int:
@@ -119,9 +110,9 @@ class LossScaleMonitor(keras.callbacks.Callback):
     def __init__(self, log_dir: str | None = None, max_consecutive_skips: int | None = 100,
                  guard_state: bool = True, check_every: int | None = None):
         super().__init__()
-        self.max_consecutive_skips = _optional_count("max_consecutive_skips",
-                                                     max_consecutive_skips)
-        self.check_every = _optional_count("check_every", check_every)
+        self.max_consecutive_skips = _checks.integer(
+            "max_consecutive_skips", max_consecutive_skips, allow_none=True)
+        self.check_every = _checks.integer("check_every", check_every, allow_none=True)
         if log_dir:
             _tf.import_tensorflow(_WRITER_FEATURE)  # now, not in the middle of training
         self.log_dir = log_dir

@@ -140,7 +140,7 @@ def _max_batches(specs: dict[str, runner.Spec], limit: int) -> dict[str, tuple[i
 def _check(*, policies, steps, repeats, warmup, max_batch_limit, model, model_file, sizes
            ) -> tuple[benchmark_models.ModelConfig, int]:
     """Raises `tfmp.cli.UsageError` (a `ValueError`) for a bad argument of `benchmark`."""
-    from tfmp import cli
+    from tfmp import _checks, cli
 
     with cli.usage_errors():
         if runner.backend() not in BACKENDS:
@@ -148,9 +148,7 @@ def _check(*, policies, steps, repeats, warmup, max_batch_limit, model, model_fi
                              f"Received: KERAS_BACKEND={runner.backend()}")
         for name, value, least in (("steps", steps, 1), ("repeats", repeats, 1),
                                    ("warmup", warmup, 0), ("max_batch_limit", max_batch_limit, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise ValueError(
-                    f"`{name}` must be an integer >= {least}. Received: {name}={value!r}")
+            _checks.integer(name, value, minimum=least)
         if (any(p not in POLICIES for p in policies) or not policies
                 or policies[0] != "float32" or len(set(policies)) != len(policies)):
             raise ValueError(

@@ -61,11 +61,6 @@ class ModelConfig:
         return {k: getattr(self, k) for k in _SIZES if getattr(self, k) is not None}
 
 
-def _integer(name: str, value, least: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < least:
-        raise ValueError(f"`{name}` must be an integer >= {least}. Received: {name}={value!r}")
-
-
 def resolve(model: str, model_file: str | None = None, **sizes) -> tuple[ModelConfig, int]:
     """Fills in the model's default sizes and checks them.
 
@@ -85,7 +80,7 @@ def resolve(model: str, model_file: str | None = None, **sizes) -> tuple[ModelCo
             integer, a head count that does not divide `hidden`, or images
             smaller than the model takes.
     """
-    from tfmp import cli, models
+    from tfmp import _checks, cli, models
 
     given = {k: v for k, v in sizes.items() if v is not None}
     if model_file is not None:
@@ -99,7 +94,7 @@ def resolve(model: str, model_file: str | None = None, **sizes) -> tuple[ModelCo
         used = {k: given.get(k, v) for k, v in defaults.items() if k != "batch_size"}
         for name, value in sorted(used.items()):
             if name != "image_size" and value is not None:
-                _integer(name, value)
+                _checks.integer(name, value)
         if "image_size" in used:
             models.validate_image_model(model, image_size=used["image_size"])
         if model == "transformer":
@@ -109,7 +104,7 @@ def resolve(model: str, model_file: str | None = None, **sizes) -> tuple[ModelCo
                                  f"Received: num_heads={used['num_heads']}")
         config = ModelConfig(model, **used)
     batch_size = given.get("batch_size", defaults["batch_size"])
-    _integer("batch_size", batch_size)
+    _checks.integer("batch_size", batch_size)
     return config, batch_size
 
 
