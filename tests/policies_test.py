@@ -51,7 +51,7 @@ class PoliciesTest(TestCase):
         ("plain_cpu", [], False, [], "float32", "no GPU"),
     )
     def test_auto(self, gpus, tpu, cpu_flags, expected, reason):
-        with mock.patch.object(policies, "_gpu_capabilities", return_value=gpus), \
+        with mock.patch.object(policies, "gpu_capabilities", return_value=gpus), \
                 mock.patch.object(policies, "_has_tpu", return_value=tpu), \
                 mock.patch.object(policies, "_cpu_bf16_flags", return_value=cpu_flags), \
                 self.assertLogs("tfmp", "INFO") as logs:

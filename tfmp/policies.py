@@ -49,8 +49,8 @@ def validate_policy_name(name: str, *, argument: str = "policy", allow_auto: boo
     return name
 
 
-def _gpu_capabilities() -> list[tuple[int, int]]:
-    """Compute capabilities of the NVIDIA GPUs visible to the current backend."""
+def gpu_capabilities() -> list[tuple[int, int]]:
+    """Compute capabilities of the NVIDIA GPUs visible to the current backend (none: [])."""
     backend = keras.backend.backend()
     try:
         if backend == "tensorflow":
@@ -118,7 +118,7 @@ def auto_policy() -> tuple[str, str]:
         capability 7.0 or newer, `mixed_bfloat16` on a TPU or a CPU with native
         bfloat16 (AVX512_BF16 or AMX), `float32` otherwise.
     """
-    caps = _gpu_capabilities()
+    caps = gpu_capabilities()
     if caps:
         best = max(caps)
         if best >= _MIN_TENSOR_CORE_CAPABILITY:

@@ -44,21 +44,6 @@ def _callbacks(variant: str) -> list:
     }[variant]
 
 
-def _device() -> str:
-    """`"GPU"`, `"TPU"` or `"CPU"`: where the backend runs the steps."""
-    import keras
-
-    if keras.backend.backend() == "tensorflow":
-        import tensorflow as tf
-
-        return "GPU" if tf.config.list_logical_devices("GPU") else "CPU"
-    if keras.backend.backend() == "jax":
-        import jax
-
-        return jax.default_backend().upper()
-    return "unknown"
-
-
 def benchmark(*, steps: int = 200, batch_size: int = 64, units: int = 64, layers: int = 4,
               repeats: int = 7, steps_per_execution: int = 1, seed: int = 0) -> dict:
     """Measures `fit` with each monitor variant relative to `fit` without one.
@@ -127,12 +112,14 @@ def benchmark(*, steps: int = 200, batch_size: int = 64, units: int = 64, layers
         for variant in VARIANTS if r % 2 == 0 else VARIANTS[::-1]:
             times[variant].append(fit(variant))
     base = times["no_monitor"]
+    from tools import benchmark_runner  # after training: its JAX allocator setting is moot
+
     return {
         "settings": {"steps": steps, "batch_size": batch_size, "units": units,
                      "layers": layers, "repeats": repeats,
                      "steps_per_execution": steps_per_execution},
         "backend": keras.backend.backend(),
-        "device": _device(),
+        "device": benchmark_runner.device_name(),
         "no_monitor_ms_per_step": 1000 * statistics.median(base) / steps,
         "ratios": {variant: statistics.median(
             t / b for t, b in zip(times[variant], base, strict=True)) for variant in VARIANTS[1:]},

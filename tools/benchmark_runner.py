@@ -37,18 +37,21 @@ def backend() -> str:
 
 
 def _tf():
-    import tensorflow as tf  # Only on the TensorFlow backend.
+    from tfmp import _tf as tensorflow  # Only on the TensorFlow backend.
 
-    return tf
+    return tensorflow.import_tensorflow("tools.benchmark")
 
 
 def device_name() -> str:
-    """`"GPU (<name>)"` (`" xN"` appended for N GPUs) or `"CPU"`."""
+    """`"GPU (<name>)"` (`" xN"` appended for N GPUs) or `"CPU"`; `"unknown"` on other
+    backends than TensorFlow and JAX."""
     if backend() == "tensorflow":
         gpus = _tf().config.list_physical_devices("GPU")
         if not gpus:
             return "CPU"
         name = _tf().config.experimental.get_device_details(gpus[0]).get("device_name", "GPU")
+    elif backend() != "jax":
+        return "unknown"
     else:
         import jax
 
@@ -61,19 +64,10 @@ def device_name() -> str:
 
 def has_tf32() -> bool:
     """Whether the first GPU has TF32: compute capability 8.0 (Ampere) or later, or unknown."""
-    if backend() == "tensorflow":
-        gpus = _tf().config.list_physical_devices("GPU")
-        capability = gpus and _tf().config.experimental.get_device_details(gpus[0]).get(
-            "compute_capability")
-    else:
-        import jax
+    from tfmp import policies
 
-        capability = getattr(jax.devices()[0], "compute_capability", None)  # e.g. "9.0"
-        try:
-            capability = capability and tuple(int(v) for v in str(capability).split("."))
-        except ValueError:
-            capability = None
-    return not capability or tuple(capability) >= (8, 0)
+    capabilities = policies.gpu_capabilities()
+    return not capabilities or capabilities[0] >= (8, 0)
 
 
 def set_tf32(enabled: bool) -> None:
@@ -168,12 +162,15 @@ def _build(spec: Spec):
     set_random_seed(spec.seed)
     model = benchmark_models.build(spec.model, spec.policy)
     x, y = benchmark_models.synthetic_batch(model, spec.batch_size, spec.seed)
-    optimizer = keras.optimizers.Adam(spec.learning_rate)
-    if spec.optimizer == "keras":
-        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-    elif spec.optimizer == "tfmp":  # What tfmp.training.make_optimizer returns.
-        optimizer = tfmp.LossScaleOptimizer(optimizer, enabled=spec.policy == "mixed_float16",
-                                            skip_nonfinite=True)
+    if spec.optimizer == "tfmp":  # What the recipes train with.
+        optimizer = tfmp.optimizer_config.make_optimizer(
+            tfmp.optimizer_config.OptimizerConfig(optimizer="adam",
+                                                  learning_rate=spec.learning_rate),
+            policy=spec.policy, total_steps=None, global_batch_size=spec.batch_size)
+    else:
+        optimizer = keras.optimizers.Adam(spec.learning_rate)
+        if spec.optimizer == "keras":
+            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy",
                   jit_compile=spec.jit_compile, auto_scale_loss=False)
     to_tensor = keras.ops.convert_to_tensor
