@@ -147,9 +147,7 @@ def check_args(*, policy: str, loss_scale: str, dataset: str, datasets: tuple, b
         _positive("num_synthetic", num_synthetic)
         check_steps_per_execution(steps_per_execution, steps_per_epoch)
         parse_jit_compile(jit_compile)
-        if not (isinstance(learning_rate, (int, float)) and 0 < learning_rate < math.inf):
-            raise ValueError(f"`learning_rate` must be a positive finite number. "
-                             f"Received: learning_rate={learning_rate!r}")
+        optimizer_config.OptimizerConfig(optimizer="adam", learning_rate=learning_rate)
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"`seed` must be an integer >= 0. Received: seed={seed!r}")
         distribute.validate_distribution(distribution)
