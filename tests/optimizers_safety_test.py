@@ -270,6 +270,19 @@ class GuardStateTest(TestCase):
         self.assertTrue(np.isfinite(evaluated))
         self.assertTrue(_all_finite([model.predict(x, verbose=0)]))
 
+    def test_recompiled_with_a_plain_optimizer_updates_statistics_again(self):
+        # On JAX the guard wraps the model's train_step; with another optimizer
+        # compiled in, it must not read that optimizer's variables as counters.
+        x, y = _data(16)
+        model = _batchnorm_model()
+        model.compile(optimizer=tfmp.LossScaleOptimizer(keras.optimizers.SGD(0.01)), loss="mse")
+        model.fit(x, y, batch_size=8, verbose=0, callbacks=[tfmp.callbacks.LossScaleMonitor()])
+        model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
+        before = self._statistics(model)
+        model.fit(x + 1.0, y, batch_size=8, verbose=0)
+        for a, b in zip(before, self._statistics(model), strict=True):
+            self.assertFalse(np.array_equal(a, b), "batch-norm statistics did not move")
+
     @parameterized.named_parameters(("subclassed", True), ("sequential_without_input", False))
     def test_model_built_by_its_first_batch_is_guarded(self, subclassed):
         class Sub(keras.Model):

@@ -55,7 +55,7 @@ class GuardedState:
         """
         new = False
         if isinstance(variables, keras.layers.Layer):
-            if all(ref() is not variables for ref in self._layers):
+            if not self.guards(variables):
                 self._layers.append(weakref.ref(variables))
                 new = True
             variables = variables.non_trainable_variables
@@ -63,6 +63,10 @@ class GuardedState:
         if added:
             self.sync()
         return new or added
+
+    def guards(self, layer: keras.layers.Layer) -> bool:
+        """Whether `layer` itself was given to `guard` (its variables, now and later)."""
+        return any(ref() is layer for ref in self._layers)
 
     def _add(self, variables) -> bool:
         known = {id(v) for v, _ in self._pairs}
@@ -100,35 +104,41 @@ class GuardedState:
             shadow.assign(value)
 
 
-def guard_jax_train_step(model: keras.Model, skipped_index: int) -> bool:
+def guard_jax_train_step(model: keras.Model) -> bool:
     """Wraps a JAX model's `train_step` to keep its non-trainable state on skipped steps.
 
     Keras' JAX `fit` is stateless: `train_step(state, data)` returns the
     non-trainable values of the forward pass (NaN batch-norm statistics after a
     NaN batch) beside the optimizer's, so the optimizer cannot set them back.
-    The wrapper compares the skipped-step count before and after the step and
-    returns, on a skipped step, the non-trainable values it was given.
+    While the model's optimizer (read when the step is traced) is one that
+    guards the model, the wrapper compares its skipped-step count before and
+    after the step and returns, on a skipped step, the non-trainable values it
+    was given; with any other optimizer (the model compiled again) the step is
+    Keras' own.
 
     Args:
         model: The model whose `fit` runs on JAX.
-        skipped_index: Position of the skipped-steps counter in the optimizer's
-            `variables` (the trainer's optimizer state has the same order).
 
     Returns:
         Whether the wrapper is new (False: already wrapped).
 
     Example:
 
-        guard_jax_train_step(model, skipped_index=3)   # done by `opt.guard_state(model)`
+        guard_jax_train_step(model)   # done by `opt.guard_state(model)`
     """
     step = model.train_step
     if getattr(step, "_tfmp_guarded", False):
         return False
 
     def train_step(state, data):
+        opt = model.optimizer
+        guarded = getattr(opt, "_guarded", None)
+        if not isinstance(guarded, GuardedState) or not guarded.guards(model):
+            return step(state, data)
+        index = [id(v) for v in opt.variables].index(id(opt.skipped_steps))
         _, old_non_trainable, old_optimizer, _ = state
         logs, (trainable, non_trainable, optimizer, metrics) = step(state, data)
-        applied = ops.equal(optimizer[skipped_index], old_optimizer[skipped_index])
+        applied = ops.equal(optimizer[index], old_optimizer[index])
         non_trainable = [ops.where(applied, new, old)
                          for old, new in zip(old_non_trainable, non_trainable, strict=True)]
         return logs, (trainable, non_trainable, optimizer, metrics)

@@ -340,8 +340,7 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
         """
         new = self._guarded.guard(variables)
         if keras.backend.backend() == "jax" and isinstance(variables, keras.Model):
-            skipped_index = [id(v) for v in self.variables].index(id(self.skipped_steps))
-            new = guard_jax_train_step(variables, skipped_index) or new
+            new = guard_jax_train_step(variables) or new
         return new
 
     @property
