@@ -1,4 +1,5 @@
-"""Tests for tools/benchmark.py: the side-by-side policy benchmark, on both backends."""
+"""Tests for tfmp/benchmark.py, the side-by-side policy benchmark, and its program
+tools/benchmark.py, on both backends."""
 
 import importlib.util
 import json
@@ -7,18 +8,16 @@ import os
 import re
 import subprocess
 import unittest
-from unittest import mock
 
 import keras
-import numpy as np
 from absl.testing import parameterized
 
 import tfmp
 from tests import recipe_helpers
 from tests.base import BACKEND, TestCase
-from tools import benchmark, benchmark_models
+from tfmp import benchmark
 
-_TINY = {  # The new models at smoke-test size (resnet50: see its test).
+_TINY = {  # The new models at smoke-test size (resnet50: tests/benchmark_models_test.py).
     "transformer": dict(hidden=32, num_heads=2, seq_len=16, num_layers=1, batch_size=4),
     "mlp": dict(hidden=64, num_layers=2, batch_size=16),
 }
@@ -132,31 +131,6 @@ class BenchmarkTest(TestCase):
         for label in benchmark.OPTIMIZERS.values():
             self.assertRegex(table, rf"\n{re.escape(label)} +\d+\.\d+ +\d+\.\d{{3}}x")
 
-    def test_resnet50_builds_small_with_a_float32_head(self):
-        # Training it is keras.applications' ResNet50 on the resnet_mini code path; its first
-        # traced step alone takes ~30 s on a 2-core CPU, so the GPU script's quick mode runs it.
-        config, batch_size = benchmark_models.resolve("resnet50", image_size=32)
-        self.assertEqual((config.sizes(), batch_size), ({"image_size": 32}, 256))
-        f32 = benchmark_models.build(config, "float32")
-        f16 = benchmark_models.build(config, "mixed_float16")
-        self.assertEqual(f32.count_params(), 23_587_712 + 2048 * 1000 + 1000)
-        self.assertEqual(f16.outputs[0].dtype, "float32")  # The loss is float32.
-        ratio = (tfmp.audit.activation_bytes_per_example(f16)
-                 / tfmp.audit.activation_bytes_per_example(f32))
-        self.assertLess(ratio, 0.55)
-        x, y = benchmark_models.synthetic_batch(f16, 2, seed=0)
-        self.assertEqual((x.shape, x.dtype, y.shape), ((2, 32, 32, 3), "float32", (2,)))
-        self.assertTrue(((0 <= y) & (y < 1000)).all())
-
-    def test_backend_pieces_on_a_cpu(self):
-        self.assertEqual(benchmark.runner.device_name(), "CPU")
-        peak, kind = benchmark.runner.peak_memory_mib()
-        self.assertEqual(kind, "process_peak_rss")
-        self.assertGreater(peak, 50)
-        self.assertTrue(benchmark.runner.is_out_of_memory(
-            RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1 GiB")))
-        self.assertFalse(benchmark.runner.is_out_of_memory(ValueError("shapes differ")))
-
     @parameterized.named_parameters(
         ("gpu_tf32", True, True, ["float32 (tf32)", "float32 (highest)", "mixed_float16"],
          [True, False, True]),
@@ -168,63 +142,6 @@ class BenchmarkTest(TestCase):
         self.assertEqual([r[0] for r in rows], names)
         self.assertEqual([r[2] for r in rows], tf32_flags)
         self.assertEqual([r[1] for r in rows][-1], "mixed_float16")
-
-    @parameterized.named_parameters(
-        ("exact", 1000, 32, 65536, 0.0, (1000, False)),
-        ("capped", 10**9, 32, 4096, 0.0, (4096, True)),
-        ("start_too_big", 5, 32, 65536, 0.0, (5, False)),
-        ("nothing_fits", 0, 32, 65536, 0.0, (0, False)),
-    )
-    def test_find_max_batch(self, boundary, start, limit, tolerance, expected):
-        tried = []
-
-        def fits(batch):
-            tried.append(batch)
-            return batch <= boundary
-
-        self.assertEqual(benchmark.find_max_batch(fits, start, limit, tolerance), expected)
-        self.assertLess(len(tried), 2 * math.log2(limit) + 2)  # Doubling + bisection.
-        self.assertLessEqual(max(tried), limit)
-
-    def test_find_max_batch_tolerance(self):
-        size, capped = benchmark.find_max_batch(lambda b: b <= 3000, 32, 65536)
-        self.assertFalse(capped)
-        self.assertLessEqual(size, 3000)
-        self.assertGreaterEqual(size, 3000 * (1 - 2 * benchmark.runner.MAX_BATCH_TOLERANCE))
-
-    def test_search_max_batch_builds_anew_after_running_out_of_memory(self):
-        builds, tried = [], []
-
-        class Model:  # Runs out of memory above 100 examples.
-            def train_on_batch(self, x, y):
-                tried.append(x.shape[0])
-                if x.shape[0] > 100:
-                    raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 1 GiB")
-
-        def build(spec):
-            builds.append(len(tried))
-            return Model(), np.zeros((spec.batch_size, 3), "float32"), np.zeros(spec.batch_size)
-
-        spec = benchmark.runner.Spec(name="mixed_float16", policy="mixed_float16",
-                                     model=benchmark_models.ModelConfig("mlp"), batch_size=8,
-                                     warmup=0, jit_compile=True, seed=0)
-        with mock.patch.object(benchmark.runner, "_build", build):
-            found = benchmark.runner.search_max_batch(spec, limit=4096)
-        self.assertEqual(found, benchmark.find_max_batch(lambda b: b <= 100, 8, 4096))
-        self.assertGreaterEqual(found[0], 100 * (1 - 2 * benchmark.runner.MAX_BATCH_TOLERANCE))
-        # A fresh model for the first try and for every try after a failed one.
-        after_failures = [i + 1 for i, b in enumerate(tried[:-1]) if b > 100]
-        self.assertEqual(builds, [0] + after_failures)
-        self.assertIn(128, tried)
-
-        def broken(spec):
-            model, x, y = build(spec)
-            model.train_on_batch = mock.Mock(side_effect=ValueError("a bug"))
-            return model, x, y
-
-        with mock.patch.object(benchmark.runner, "_build", broken):
-            with self.assertRaisesRegex(ValueError, "a bug"):  # only out of memory is "no fit"
-                benchmark.runner.search_max_batch(spec, limit=4096)
 
     @parameterized.named_parameters(
         ("no_float32_first", dict(policies=("mixed_float16", "float32")),

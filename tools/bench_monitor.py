@@ -112,7 +112,7 @@ def benchmark(*, steps: int = 200, batch_size: int = 64, units: int = 64, layers
         for variant in VARIANTS if r % 2 == 0 else VARIANTS[::-1]:
             times[variant].append(fit(variant))
     base = times["no_monitor"]
-    from tools import benchmark_runner  # after training: its JAX allocator setting is moot
+    from tfmp import benchmark_runner  # after training: its JAX allocator setting is moot
 
     return {
         "settings": {"steps": steps, "batch_size": batch_size, "units": units,

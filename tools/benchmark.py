@@ -5,7 +5,7 @@ python -m tools.benchmark --model=transformer --hidden=256 --num_heads=4 --seq_l
 python -m tools.benchmark --model_file=model.keras --nooptimizer_overhead
 
 Trains the same model (same initial weights, same synthetic batch; see
-`tools.benchmark_models`: resnet50, transformer (BERT-base), mlp, ...) under each
+`tfmp.benchmark_models`: resnet50, transformer (BERT-base), mlp, ...) under each
 policy with a compiled step (`--jit_compile`, XLA on both backends) and prints,
 side by side: examples/second and step time (medians over the repeats, after
 warm-up), peak memory, activation memory per example (`tfmp.audit.
@@ -53,265 +53,21 @@ anything runs; a failure during the benchmark, one `error:` line and status 1 (`
 
 from __future__ import annotations
 
-import functools
 import json
-import math
 import os
-import statistics
-from collections.abc import Sequence
 
 from absl import flags
 
-from tools import benchmark_models
-from tools import benchmark_runner as runner
-from tools.benchmark_runner import find_max_batch  # noqa: F401 (part of this tool's API)
+# Read once, when TensorFlow loads: before `import tfmp` (which loads Keras, and so TensorFlow
+# on its backend) in `_define_flags`; tfmp.benchmark_runner sets it only after that import.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 FLAGS = flags.FLAGS
-
-POLICIES = ("float32", "mixed_float16", "mixed_bfloat16")
-BACKENDS = ("tensorflow", "jax")
-OPTIMIZERS = {"plain": "Adam (plain)", "keras": "keras.optimizers.LossScaleOptimizer",
-              "tfmp": "tfmp.LossScaleOptimizer"}
-
-
-def variants(policies: Sequence[str], tf32: bool, strict_float32: bool = True
-             ) -> list[tuple[str, str, bool]]:
-    """The rows `(name, policy, tf32)` to time; the first is the ratios' baseline.
-
-    Args:
-        policies: Policies, `"float32"` first.
-        tf32: Whether the device has TF32 (an Ampere or later GPU).
-        strict_float32: With TF32, also time float32 with TF32 off.
-
-    Example:
-
-        >>> [v[0] for v in variants(["float32", "mixed_float16"], tf32=True)]
-        ['float32 (tf32)', 'float32 (highest)', 'mixed_float16']
-    """
-    rows = []
-    for p in policies:
-        if p == "float32" and tf32:
-            rows.append(("float32 (tf32)", p, True))
-            rows += [("float32 (highest)", p, False)] if strict_float32 else []
-        else:
-            rows.append((p, p, True))
-    return rows
-
-
-def _rows(measured: dict[str, dict], specs: dict[str, runner.Spec], steps: int) -> dict[str, dict]:
-    """Medians and ratios to the first row."""
-    base = measured[next(iter(measured))]
-    rows = {}
-    for n, m in measured.items():
-        walls, cpus = [w for w, _ in m["times"]], [c for _, c in m["times"]]
-        pairs = list(zip(m["times"], base["times"], strict=True))
-        rows[n] = {
-            "policy": specs[n].policy, "tf32": specs[n].tf32,
-            "examples_per_second": specs[n].batch_size * steps / statistics.median(walls),
-            "step_ms": 1000 * statistics.median(walls) / steps,
-            "cpu_ms_per_step": 1000 * statistics.median(cpus) / steps, **m["final"],
-            **{k: m["info"][k] for k in ("activation_bytes_per_example", "params")},
-            "speedup": statistics.median(wb / w for (w, _), (wb, _) in pairs),
-            "step_time_ratio": statistics.median(w / wb for (w, _), (wb, _) in pairs),
-            "cpu_time_ratio": statistics.median(c / cb for (_, c), (_, cb) in pairs),
-        }
-    ref = rows[next(iter(rows))]
-    for row in rows.values():
-        row["memory_ratio"] = (row["peak_memory_mib"] / ref["peak_memory_mib"]
-                               if row["peak_memory_mib"] and ref["peak_memory_mib"] else None)
-        row["activation_memory_ratio"] = (row["activation_bytes_per_example"]
-                                          / ref["activation_bytes_per_example"])
-    return rows
-
-
-def _max_batches(specs: dict[str, runner.Spec], limit: int) -> dict[str, tuple[int, bool]]:
-    """`find_max_batch` per row but strict float32, each alone on the GPU in a fresh process."""
-    found = {}
-    for name, spec in specs.items():
-        if spec.tf32:
-            searcher = runner.Process(spec, task="max_batch", limit=limit)
-            try:
-                found[name] = searcher.receive()
-            finally:
-                searcher.close()
-    return found
-
-
-def _check(*, policies, steps, repeats, warmup, max_batch_limit, model, model_file, sizes
-           ) -> tuple[benchmark_models.ModelConfig, int]:
-    """Raises `tfmp.cli.UsageError` (a `ValueError`) for a bad argument of `benchmark`."""
-    from tfmp import _checks, cli
-
-    with cli.usage_errors():
-        if runner.backend() not in BACKENDS:
-            raise ValueError(f"tools.benchmark runs on KERAS_BACKEND={' or '.join(BACKENDS)}. "
-                             f"Received: KERAS_BACKEND={runner.backend()}")
-        for name, value, least in (("steps", steps, 1), ("repeats", repeats, 1),
-                                   ("warmup", warmup, 0), ("max_batch_limit", max_batch_limit, 1)):
-            _checks.integer(name, value, minimum=least)
-        if (any(p not in POLICIES for p in policies) or not policies
-                or policies[0] != "float32" or len(set(policies)) != len(policies)):
-            raise ValueError(
-                f"`policies` must list distinct policies from {', '.join(POLICIES)}, float32 "
-                f"first (the ratios are to float32). Received: policies={list(policies)}")
-        return benchmark_models.resolve(model, model_file, **sizes)
-
-
-def benchmark(*, model: str = "resnet_mini", model_file: str | None = None,
-              policies: Sequence[str] = POLICIES, batch_size: int | None = None, steps: int = 10,
-              repeats: int = 5, warmup: int = 3, image_size: int | None = None,
-              hidden: int | None = None, num_heads: int | None = None, seq_len: int | None = None,
-              ff_dim: int | None = None, num_layers: int | None = None, jit_compile: bool = True,
-              strict_float32: bool = True, optimizer_overhead: bool = True, isolate: bool = True,
-              max_batch_search: bool = True, max_batch_limit: int = 65536, seed: int = 0,
-              progress: bool = True) -> dict:
-    """Trains one model under each policy, interleaved, and compares them to float32.
-
-    Args:
-        model: A `tools.benchmark_models.model_names()` name, on synthetic data
-            (ignored when `model_file` is given).
-        model_file: A `.keras` file, converted per policy with
-            `tfmp.convert.apply_policy`, trained on random inputs and labels.
-        policies: Policies to compare, `"float32"` first.
-        batch_size: Examples per step (None: the model's default).
-        steps: Steps per timed measurement.
-        repeats: Timed measurements per row, interleaved.
-        warmup: Untimed steps before the first measurement (compilation included).
-        image_size, hidden, num_heads, seq_len, ff_dim, num_layers: The model's
-            sizes (None: its defaults; see `tools.benchmark_models`).
-        jit_compile: XLA-compile the train step.
-        strict_float32: On a GPU with TF32, also time float32 with TF32 off.
-        optimizer_overhead: Also time the plain Adam, Keras' and tfmp's
-            LossScaleOptimizer under mixed_float16.
-        isolate: One process per row (peak memory per row); False runs all rows
-            in this process (quicker to start; peak memory is then None).
-        max_batch_search: On a GPU, search the largest batch per policy.
-        max_batch_limit: The largest batch the search tries.
-        seed: Seed of the initial weights and the batch.
-        progress: Show a `keras.utils.Progbar`.
-
-    Returns:
-        `{"config", "backend", "device", "float32_mode", "baseline",
-        "max_batch_search", "policies": {row: {...}}, "optimizer_overhead"}`.
-        Each row has `policy`, `tf32`, `examples_per_second` (from the median
-        measurement time), `step_ms`, `cpu_ms_per_step` (process CPU time),
-        `peak_memory_mib` (None when not measured), `memory_kind`,
-        `final_loss`, `activation_bytes_per_example`, `params`,
-        `max_batch_size` (None when not searched), `max_batch_capped`, and the
-        ratios to the baseline row: `speedup` (median of per-repeat
-        examples/second ratios), `step_time_ratio`, `cpu_time_ratio`,
-        `memory_ratio`, `activation_memory_ratio` and `max_batch_ratio`.
-        `optimizer_overhead` (None when not run) is `{"policy": "mixed_float16",
-        "optimizers": {"plain" | "keras" | "tfmp": row}}`, ratios to "plain".
-
-    Raises:
-        tfmp.cli.UsageError: (a `ValueError`) for a bad argument, before anything runs.
-
-    Example:
-
-        results = benchmark(model="mlp", hidden=64, num_layers=2, batch_size=16, steps=2)
-        results["policies"]["mixed_float16"]["activation_memory_ratio"]   # ~0.5
-    """
-    policies = tuple(policies)
-    sizes = dict(batch_size=batch_size, image_size=image_size, hidden=hidden,
-                 num_heads=num_heads, seq_len=seq_len, ff_dim=ff_dim, num_layers=num_layers)
-    config, batch_size = _check(policies=policies, steps=steps, repeats=repeats, warmup=warmup,
-                                max_batch_limit=max_batch_limit, model=model,
-                                model_file=model_file, sizes=sizes)
-    device = runner.device_name()
-    gpu = device.startswith("GPU")
-    tf32 = gpu and runner.has_tf32()
-    spec = functools.partial(runner.Spec, model=config, batch_size=batch_size, warmup=warmup,
-                             jit_compile=jit_compile, seed=seed)
-    specs = {name: spec(name=name, policy=p, tf32=t)
-             for name, p, t in variants(policies, tf32, strict_float32)}
-    run = functools.partial(runner.interleave, steps=steps, repeats=repeats, isolate=isolate,
-                            progress=progress)
-    rows = _rows(run(specs), specs, steps)
-    searched = max_batch_search and gpu
-    max_batches = _max_batches(specs, max_batch_limit) if searched else {}
-    base = next(iter(rows))
-    for n, row in rows.items():
-        row["max_batch_size"], row["max_batch_capped"] = max_batches.get(n, (None, None))
-        row["max_batch_ratio"] = (row["max_batch_size"] / rows[base]["max_batch_size"]
-                                  if row["max_batch_size"] and rows[base]["max_batch_size"]
-                                  else None)
-    overhead = None
-    if optimizer_overhead:
-        specs = {k: spec(name=k, policy="mixed_float16", optimizer=k) for k in OPTIMIZERS}
-        overhead = {"policy": "mixed_float16", "optimizers": _rows(run(specs), specs, steps)}
-    return {
-        "config": {"model": os.path.basename(model_file) if model_file else model,
-                   **config.sizes(), "batch_size": batch_size, "steps": steps,
-                   "repeats": repeats, "warmup": warmup, "jit_compile": jit_compile,
-                   "isolate": isolate, "seed": seed},
-        "backend": runner.backend(), "device": device, "baseline": base,
-        "float32_mode": "tf32" if tf32 else "float32 (no TF32 on a "
-                        f"{'GPU before Ampere' if gpu else 'CPU'})",
-        "max_batch_search": ("searched" + (" (not for float32 (highest): same memory as tf32)"
-                                           if len(max_batches) < len(rows) else ""))
-        if searched else "skipped: no GPU (on a CPU, memory is swapped or grows instead of "
-        "running out)" if max_batch_search else "skipped: --nomax_batch_search",
-        "policies": rows, "optimizer_overhead": overhead}
-
-
-def _fmt(value, width: int, spec: str, suffix: str = "") -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "-".rjust(width)
-    return f"{value:{spec}}{suffix}".rjust(width)
-
-
-_MEMORY_NOTES = {"process_peak_rss": "peak MiB: peak resident memory of the row's process "
-                 "(the framework's own few hundred MiB included).",
-                 "gpu_peak": "peak MiB: the GPU allocator's peak in the row's process.",
-                 None: "peak MiB: not measured (all rows share one process)."}
-
-
-def format_table(results: dict) -> str:
-    """The results of `benchmark` as text: one row a policy, then the optimizer overhead."""
-    c = results["config"]
-    where = "one process per row" if c["isolate"] else "one process"
-    sizes = ", ".join(f"{k} {c[k]}" for k in ("image_size", "hidden", "num_heads", "seq_len",
-                                               "ff_dim", "num_layers") if k in c)
-    lines = [f"{c['model']}{f' ({sizes})' if sizes else ''}: batch {c['batch_size']}, "
-             f"{c['repeats']} interleaved repeats of {c['steps']} steps after {c['warmup']} "
-             f"warm-up steps, jit_compile={c['jit_compile']}, {results['backend']} on "
-             f"{results['device']} ({where}; medians)",
-             f"float32 mode: {results['float32_mode']}; the ratios (x f32) are to "
-             f"{results['baseline']!r}" + ("; 'float32 (highest)' is TF32 off (strict float32)"
-                                           if "float32 (highest)" in results["policies"] else "")]
-    header = (f"{'policy':18s}{'ex/s':>10s}{'x f32':>8s}{'step ms':>10s}{'cpu ms':>10s}"
-              f"{'peak MiB':>10s}{'x f32':>8s}{'act KiB/ex':>12s}{'x f32':>8s}"
-              f"{'max batch':>11s}{'x f32':>8s}{'final loss':>12s}")
-    lines += [header, "-" * len(header)]
-    for p, r in results["policies"].items():
-        capped = ">=" if r["max_batch_capped"] else ""
-        batch = f"{capped}{r['max_batch_size']}" if r["max_batch_size"] is not None else "-"
-        lines.append(
-            f"{p:18s}{_fmt(r['examples_per_second'], 10, '.1f')}"
-            f"{_fmt(r['speedup'], 8, '.2f', 'x')}{_fmt(r['step_ms'], 10, '.1f')}"
-            f"{_fmt(r['cpu_ms_per_step'], 10, '.1f')}{_fmt(r['peak_memory_mib'], 10, '.0f')}"
-            f"{_fmt(r['memory_ratio'], 8, '.2f', 'x')}"
-            f"{_fmt(r['activation_bytes_per_example'] / 1024, 12, '.1f')}"
-            f"{_fmt(r['activation_memory_ratio'], 8, '.2f', 'x')}{batch:>11s}"
-            f"{_fmt(r['max_batch_ratio'], 8, '.2f', 'x')}{_fmt(r['final_loss'], 12, '.4f')}")
-    lines.append(_MEMORY_NOTES[next(iter(results["policies"].values()))["memory_kind"]])
-    lines.append(f"Largest batch: {results['max_batch_search']}.")
-    overhead = results["optimizer_overhead"]
-    if overhead is None:
-        return "\n".join(lines + ["Optimizer overhead: skipped (--nooptimizer_overhead)."])
-    lines += ["", f"Loss-scaling overhead, {overhead['policy']}, same model and batch "
-              "(x plain: median of per-repeat step-time ratios)"]
-    header = (f"{'optimizer':38s}{'step ms':>10s}{'x plain':>9s}{'cpu ms':>10s}{'x plain':>9s}"
-              f"{'peak MiB':>10s}")
-    lines += [header, "-" * len(header)]
-    for k, r in overhead["optimizers"].items():
-        lines.append(f"{OPTIMIZERS[k]:38s}{_fmt(r['step_ms'], 10, '.2f')}"
-                     f"{_fmt(r['step_time_ratio'], 9, '.3f', 'x')}"
-                     f"{_fmt(r['cpu_ms_per_step'], 10, '.2f')}"
-                     f"{_fmt(r['cpu_time_ratio'], 9, '.3f', 'x')}"
-                     f"{_fmt(r['peak_memory_mib'], 10, '.0f')}")
-    return "\n".join(lines)
+# `tfmp.benchmark.benchmark`'s arguments, each from the flag of its name.
+_ARGUMENTS = ("model", "model_file", "policies", "batch_size", "steps", "repeats", "warmup",
+              "image_size", "hidden", "num_heads", "seq_len", "ff_dim", "num_layers",
+              "jit_compile", "strict_float32", "optimizer_overhead", "isolate",
+              "max_batch_search", "max_batch_limit", "progress")
 
 
 def _define_flags() -> None:
@@ -320,13 +76,15 @@ def _define_flags() -> None:
     Importing the module (tests, spawned workers) then registers no flag that could clash with
     another tool's or recipe's flags in the same process.
     """
+    from tfmp import benchmark
+
     flags.DEFINE_string(
         "model", "resnet_mini", "Model on synthetic data: resnet50, transformer (BERT-base "
-        "encoder), mlp, resnet_mini, mobilenet_v2 or efficientnet_b0 (tools.benchmark_models).")
+        "encoder), mlp, resnet_mini, mobilenet_v2 or efficientnet_b0 (tfmp.benchmark_models).")
     flags.DEFINE_string(
         "model_file", None, "A `.keras` model (loaded with safe_mode=True) instead of --model; "
         "converted with tfmp.convert.apply_policy and trained on random inputs.")
-    flags.DEFINE_list("policies", list(POLICIES), "Policies to compare (float32 first).")
+    flags.DEFINE_list("policies", list(benchmark.POLICIES), "Policies to compare (float32 first).")
     flags.DEFINE_integer("batch_size", None, "Examples per step (default: the model's).")
     flags.DEFINE_integer("steps", 10, "Training steps per measurement.")
     flags.DEFINE_integer("repeats", 5, "Interleaved measurements (medians are reported).")
@@ -350,18 +108,15 @@ def _define_flags() -> None:
     flags.DEFINE_string("json", None, "Also write the results to this JSON file.")
 
 
-def main(argv):
-    from tfmp import cli
+def main(argv: list[str]) -> None:
+    """Runs `tfmp.benchmark.benchmark` with the flags' values and prints its tables."""
+    from tfmp import benchmark, cli
 
     cli.check_no_arguments(argv)
     if FLAGS.json:
         cli.check_output_file(FLAGS.json, argument="json")  # now, not after the benchmark
-    names = ("model", "model_file", "policies", "batch_size", "steps", "repeats", "warmup",
-             "image_size", "hidden", "num_heads", "seq_len", "ff_dim", "num_layers",
-             "jit_compile", "strict_float32", "optimizer_overhead", "isolate",
-             "max_batch_search", "max_batch_limit", "progress")
-    results = benchmark(**{name: FLAGS[name].value for name in names})
-    print(format_table(results), flush=True)
+    results = benchmark.benchmark(**{name: FLAGS[name].value for name in _ARGUMENTS})
+    print(benchmark.format_table(results), flush=True)
     if FLAGS.json:
         with open(FLAGS.json, "w") as f:
             json.dump(results, f, indent=2)

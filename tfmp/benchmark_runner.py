@@ -1,4 +1,4 @@
-"""How `tools.benchmark` trains and measures one row, on the TensorFlow or the JAX backend.
+"""How `tfmp.benchmark` trains and measures one row, on the TensorFlow or the JAX backend.
 
 The backend-specific pieces are small functions switched on
 `keras.backend.backend()` (`device_name`, `has_tf32`, `set_tf32`,
@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from tools import benchmark_models
+from tfmp import benchmark_models
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Read when JAX starts its GPU client (not at import): allocate on demand, so that the
@@ -39,7 +39,7 @@ def backend() -> str:
 def _tf():
     from tfmp import _tf as tensorflow  # Only on the TensorFlow backend.
 
-    return tensorflow.import_tensorflow("tools.benchmark")
+    return tensorflow.import_tensorflow("tfmp.benchmark")
 
 
 def device_name() -> str:
@@ -153,25 +153,30 @@ class Spec:
     learning_rate: float = 1e-3
 
 
-def _build(spec: Spec):
-    """The model (compiled) and one fixed batch `(x, y)` as tensors."""
+def _optimizer(spec: Spec):
+    """The row's Adam: tfmp's (as the recipes train), Keras' `LossScaleOptimizer` or plain."""
     import keras
 
-    import tfmp
+    from tfmp import optimizer_config
+
+    if spec.optimizer == "tfmp":  # What the recipes train with.
+        return optimizer_config.make_optimizer(
+            optimizer_config.OptimizerConfig(optimizer="adam", learning_rate=spec.learning_rate),
+            policy=spec.policy, total_steps=None, global_batch_size=spec.batch_size)
+    optimizer = keras.optimizers.Adam(spec.learning_rate)
+    if spec.optimizer == "keras":
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    return optimizer
+
+
+def _build(spec: Spec) -> tuple:
+    """The model (compiled) and one fixed batch `(x, y)` as tensors."""
+    import keras
 
     set_random_seed(spec.seed)
     model = benchmark_models.build(spec.model, spec.policy)
     x, y = benchmark_models.synthetic_batch(model, spec.batch_size, spec.seed)
-    if spec.optimizer == "tfmp":  # What the recipes train with.
-        optimizer = tfmp.optimizer_config.make_optimizer(
-            tfmp.optimizer_config.OptimizerConfig(optimizer="adam",
-                                                  learning_rate=spec.learning_rate),
-            policy=spec.policy, total_steps=None, global_batch_size=spec.batch_size)
-    else:
-        optimizer = keras.optimizers.Adam(spec.learning_rate)
-        if spec.optimizer == "keras":
-            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-    model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy",
+    model.compile(optimizer=_optimizer(spec), loss="sparse_categorical_crossentropy",
                   jit_compile=spec.jit_compile, auto_scale_loss=False)
     to_tensor = keras.ops.convert_to_tensor
     x = [to_tensor(v) for v in x] if isinstance(x, list) else to_tensor(x)
@@ -181,7 +186,9 @@ def _build(spec: Spec):
 class Runner:
     """One row's model, trained `steps` steps at a time."""
 
-    def __init__(self, spec: Spec, isolated: bool):
+    def __init__(self, spec: Spec, isolated: bool) -> None:
+        """Builds `spec`'s model and trains its `warmup` steps; `isolated`: this process holds
+        this row alone (its peak memory is the row's; TF32 is set once)."""
         from tfmp import audit
 
         self.spec, self.isolated = spec, isolated
@@ -206,6 +213,7 @@ class Runner:
         return wall, cpu, self.loss
 
     def finish(self) -> dict:
+        """`{"final_loss", "peak_memory_mib", "memory_kind"}` (no peak when not isolated)."""
         peak, kind = peak_memory_mib() if self.isolated else (None, None)  # else: shared
         return {"final_loss": self.loss, "peak_memory_mib": peak, "memory_kind": kind}
 
@@ -301,7 +309,9 @@ def _worker(conn, spec: Spec, task: str, limit: int) -> None:
 class Process:
     """A `Runner` in a spawned process, with the same methods."""
 
-    def __init__(self, spec: Spec, task: str = "train", limit: int = 0):
+    def __init__(self, spec: Spec, task: str = "train", limit: int = 0) -> None:
+        """Starts it: `task` `"train"` (a `Runner`) or `"max_batch"` (`search_max_batch` up to
+        `limit`, whose result `receive` returns)."""
         import multiprocessing
 
         context = multiprocessing.get_context("spawn")
@@ -312,7 +322,9 @@ class Process:
         self.process.start()
         child.close()
 
-    def receive(self):
+    def receive(self) -> Any:
+        """The next reply (first `Runner.info`, or the search's result); raises
+        `RuntimeError` for an error in the process, or a process that died."""
         while not self.conn.poll(1.0):
             if not self.process.is_alive():
                 raise RuntimeError(f"the {self.name} worker process died "
@@ -322,22 +334,24 @@ class Process:
             raise RuntimeError(f"{self.name}: {value}")
         return value
 
-    def run(self, steps: int):
+    def run(self, steps: int) -> tuple[float, float, float]:
+        """`Runner.run` in the process."""
         self.conn.send(("run", steps))
         return self.receive()
 
     def finish(self) -> dict:
+        """`Runner.finish` in the process, which then ends."""
         self.conn.send(("finish", 0))
         result = self.receive()
         self.close()
         return result
 
     def close(self) -> None:
+        """Waits for the process to end (30 s at most, then terminates it)."""
         self.process.join(timeout=30)
         if self.process.is_alive():
             self.process.terminate()
             self.process.join()
-
 
 
 def interleave(specs: dict[str, Spec], *, steps: int, repeats: int, isolate: bool,

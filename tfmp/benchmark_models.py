@@ -1,4 +1,4 @@
-"""The models `tools.benchmark` trains, and their synthetic batches: keras.layers only.
+"""The models `tfmp.benchmark` trains, and their synthetic batches: keras.layers only.
 
 Every model runs on any Keras backend and ends in `tfmp.layers.OutputHead`, so
 its output (and the loss) is float32 under every policy. The default sizes are
