@@ -3,42 +3,47 @@
 python -m recipes.text_classification --dataset=synthetic_text --epochs=2
 python -m recipes.text_classification --dataset=imdb_reviews --data_dir=~/tensorflow_datasets \
     --seq_len=256 --batch_size=64 --epochs=5 --model_dir=runs/imdb
-"""
 
-import keras
-from absl import flags
+The shared flags are `tfmp.run_config.FLAGS`; README.md has a BERT-base-shaped command.
+"""
 
 import tfmp
 
 try:  # TensorFlow only: without it, one `error:` line that says what to install.
-    from tfmp import data, training  # noqa: F401 (used as tfmp.data, tfmp.training)
+    from tfmp import data, run_config, training  # noqa: F401 (used as tfmp.<module>)
 except ImportError as e:
     tfmp.cli.exit_on_import_error(e, __name__)
 
-_FLAGS = tfmp.training.define_flags(datasets=tfmp.data.TEXT_DATASETS,
-                                    default_dataset="synthetic_text", default_batch_size=64,
-                                    default_epochs=5, default_learning_rate=3e-4)
-_SEQ_LEN = flags.DEFINE_integer("seq_len", 128, "Tokens per example.")
-_VOCAB_SIZE = flags.DEFINE_integer("vocab_size", 20_000, "Hashed vocabulary size.")
-_EMBED_DIM = flags.DEFINE_integer("embed_dim", 64, "Model width (a multiple of 8).")
-_NUM_HEADS = flags.DEFINE_integer("num_heads", 4, "Attention heads.")
-_NUM_LAYERS = flags.DEFINE_integer("num_layers", 2, "Encoder blocks.")
+NAME = "text_classification"
+DEFAULTS = dict(dataset="synthetic_text", batch_size=64, epochs=5, learning_rate=3e-4)
+_RUN_FLAGS = tfmp.run_config.define_flags(**DEFAULTS)
+_MODEL_FLAGS = tfmp.cli.define_flags({
+    "seq_len": (int, 128, "Tokens per example."),
+    "vocab_size": (int, 20_000, "Hashed vocabulary size."),
+    "embed_dim": (int, 64, "Model width (a multiple of 8)."),
+    "num_heads": (int, 4, "Attention heads."),
+    "num_layers": (int, 2, "Encoder blocks."),
+    "ff_dim": (int, 128, "Hidden units of each feed-forward block."),
+    "dropout": (float, 0.1, "Dropout rate of attention and feed-forward blocks."),
+})
 
 
-def run(*, policy: str = "mixed_float16", loss_scale: str = "dynamic",
-        dataset: str = "synthetic_text", data_dir: str | None = None, batch_size: int = 64,
-        epochs: int = 5, steps_per_epoch: int | None = None, learning_rate: float = 3e-4,
-        jit_compile: str | bool = "auto", steps_per_execution: int = 1,
-        distribution: str = "none", model_dir: str | None = None,
-        export_dir: str | None = None, seed: int = 0, seq_len: int = 128,
-        vocab_size: int = 20_000, embed_dim: int = 64, num_heads: int = 4, num_layers: int = 2,
-        num_synthetic: int = 2048, cpu_replicas: int = 1, dataset_override=None,
-        verbose: int = 2) -> dict:
+def config(**settings) -> tfmp.run_config.RunConfig:
+    """This recipe's `RunConfig`: its defaults, then `settings` (by flag name)."""
+    return tfmp.run_config.RunConfig.from_flat({"recipe": NAME, **DEFAULTS, **settings})
+
+
+def run(config: tfmp.run_config.RunConfig, *, seq_len: int = 128, vocab_size: int = 20_000,
+        embed_dim: int = 64, num_heads: int = 4, num_layers: int = 2, ff_dim: int = 128,
+        dropout: float = 0.1, dataset_override=None, verbose: int = 2) -> dict:
     """Trains and evaluates the Transformer classifier; see `tfmp.training.train_and_evaluate`.
 
     Args:
+        config: The run's settings (`config(...)` makes one with this recipe's defaults).
+        seq_len, vocab_size, embed_dim, num_heads, num_layers, ff_dim, dropout: The
+            model's shape and dropout (`tfmp.models.text_classifier`).
         dataset_override: `(train, eval)` datasets that replace the named dataset (tests).
-        Others: as the flags of the same names.
+        verbose: Keras `fit` verbosity.
 
     Returns:
         The metrics dict of `tfmp.training.train_and_evaluate`.
@@ -46,51 +51,27 @@ def run(*, policy: str = "mixed_float16", loss_scale: str = "dynamic",
     Raises:
         tfmp.cli.UsageError: for a bad argument, before any model is built.
     """
-    tfmp.training.prepare(policy=policy, loss_scale=loss_scale, dataset=dataset,
-                          datasets=tfmp.data.TEXT_DATASETS, batch_size=batch_size,
-                          epochs=epochs, steps_per_epoch=steps_per_epoch,
-                          learning_rate=learning_rate, distribution=distribution, seed=seed,
-                          model_dir=model_dir, export_dir=export_dir,
-                          num_synthetic=num_synthetic, cpu_replicas=cpu_replicas,
-                          steps_per_execution=steps_per_execution, jit_compile=jit_compile)
+    shape = dict(embed_dim=embed_dim, num_heads=num_heads, num_layers=num_layers, ff_dim=ff_dim,
+                 dropout=dropout)
     with tfmp.cli.usage_errors():
-        info = tfmp.data.dataset_info(dataset, seq_len=seq_len)
-        for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads),
-                            ("num_layers", num_layers)):
-            if value < 1:
-                raise ValueError(f"`{name}` must be >= 1. Received: {name}={value}")
-        if embed_dim % num_heads:
-            raise ValueError(f"`num_heads` must divide `embed_dim` ({embed_dim}). "
-                             f"Received: num_heads={num_heads}")
-        if dataset_override is not None:
-            train, evaluation = dataset_override
-        else:
-            common = dict(batch_size=batch_size, seq_len=seq_len, vocab_size=vocab_size,
-                          data_dir=data_dir, seed=seed, num_examples_synthetic=num_synthetic)
-            train = tfmp.data.text_dataset(dataset, info.train_split, training=True, **common)
-            evaluation = tfmp.data.text_dataset(dataset, info.eval_split, training=False,
-                                                **common)
-    keras.utils.set_random_seed(seed)
+        tfmp.models.validate_text_model(seq_len=seq_len, vocab_size=vocab_size, **shape)
+    tfmp.training.prepare(config, {"seq_len": seq_len, "vocab_size": vocab_size, **shape})
+    with tfmp.cli.usage_errors():
+        info = tfmp.data.dataset_info(config.dataset, seq_len=seq_len)
+        train, evaluation = dataset_override or (tfmp.data.text_dataset(
+            config.dataset, split, training=training, batch_size=config.batch_size,
+            seq_len=seq_len, vocab_size=vocab_size, data_dir=config.data_dir, seed=config.seed,
+            num_examples_synthetic=config.num_synthetic)
+            for split, training in ((info.train_split, True), (info.eval_split, False)))
     return tfmp.training.train_and_evaluate(
-        lambda: tfmp.models.text_classifier(seq_len, vocab_size, info.num_classes,
-                                            embed_dim=embed_dim, num_heads=num_heads,
-                                            num_layers=num_layers),
-        train, evaluation, policy=policy, loss_scale=loss_scale, learning_rate=learning_rate,
-        epochs=epochs, steps_per_epoch=steps_per_epoch, batch_size=batch_size,
-        jit_compile=jit_compile, steps_per_execution=steps_per_execution,
-        distribution=distribution, model_dir=model_dir,
-        export_dir=export_dir, verbose=verbose,
-        model_settings={"recipe": "text_classification", "dataset": dataset,
-                        "seq_len": seq_len, "vocab_size": vocab_size, "embed_dim": embed_dim,
-                        "num_heads": num_heads, "num_layers": num_layers})
+        config, lambda: tfmp.models.text_classifier(seq_len, vocab_size, info.num_classes,
+                                                    **shape),
+        train, evaluation, verbose=verbose)
 
 
 def main(argv):
     tfmp.cli.check_no_arguments(argv)
-    return tfmp.training.run_main(
-        run, tfmp.training.flag_values(_FLAGS), seq_len=_SEQ_LEN.value,
-        vocab_size=_VOCAB_SIZE.value, embed_dim=_EMBED_DIM.value, num_heads=_NUM_HEADS.value,
-        num_layers=_NUM_LAYERS.value)
+    return tfmp.training.run_main(run, NAME, _RUN_FLAGS, _MODEL_FLAGS)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,8 @@ from unittest import mock
 from absl import flags
 from absl.testing import parameterized
 
-from tests import recipe_helpers
-from tests.base import HAS_TENSORFLOW, TestCase
+from tests import base, recipe_helpers
+from tests.base import HAS_TENSORFLOW, TestCase, requires_tensorflow_installed
 from tfmp import backup, callbacks, cli
 
 
@@ -92,7 +92,7 @@ class CallTest(TestCase):
         self.assertEqual(_call(lambda argv: None), (0, []))
         self.assertEqual(_call(lambda argv: 3), (3, []))
 
-    def test_traceback_on_request(self):
+    def test_traceback_on_request(self):  # --verbose
         status, lines = _call(_raises(RuntimeError("boom")), traceback=True)
         self.assertEqual(status, 1)
         self.assertEqual(lines[0], "Traceback (most recent call last):")
@@ -159,7 +159,8 @@ class OutputPathTest(TestCase):
 # tools.export_savedmodel still use absl.app.run).
 _PROGRAMS = ("recipes.image_classification", "recipes.text_classification",
              "tools.inspect_policy", "tools.benchmark", "tools.bench_optimizer",
-             "tools.launch_local", "tools.audit", "tools.export_savedmodel")
+             "tools.launch_local", "tools.audit", "tools.export_savedmodel",
+             "tools.bench_monitor")
 
 
 class CommandLineTest(TestCase):
@@ -179,7 +180,19 @@ class CommandLineTest(TestCase):
             self.skipTest("the recipes need TensorFlow before they parse a flag")
         proc = recipe_helpers.run_cli(module, "--nosuchflag")
         self.assertEqual(proc.returncode, 2, proc.stderr)
-        self.assertNotIn("Traceback", proc.stderr)
-        self.assertEqual(recipe_helpers.error_lines(proc.stderr),
+        # The whole of stderr: TensorFlow's native start-up lines are hidden too.
+        self.assertEqual(proc.stderr.splitlines(),
                          ["error: Unknown command line flag 'nosuchflag' "
                           "(--helpfull lists the flags)"])
+
+    @requires_tensorflow_installed
+    def test_verbose_shows_tensorflows_native_start_up(self):
+        plain = base.run_python(["-c", "import tensorflow"])
+        if not plain.stderr.strip():
+            self.skipTest("this TensorFlow prints nothing natively at start-up")
+        quiet = recipe_helpers.run_cli("tools.inspect_policy", "--nosuchflag")
+        verbose = recipe_helpers.run_cli("tools.inspect_policy", "--nosuchflag", "--verbose")
+        self.assertEqual((quiet.returncode, verbose.returncode), (2, 2))
+        self.assertEqual(len(quiet.stderr.splitlines()), 1, quiet.stderr)
+        self.assertIn(plain.stderr.strip().splitlines()[0], verbose.stderr)
+        self.assertEqual(verbose.stderr.splitlines()[-1], quiet.stderr.splitlines()[0])

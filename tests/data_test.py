@@ -56,10 +56,11 @@ class ValidationTest(TestCase):
             data.validate_dataset_name("cifar100", argument="--data")
 
     @parameterized.named_parameters(
-        ("batch_size", dict(batch_size=0), r"`batch_size` must be an integer >= 1, received: 0\."),
+        ("batch_size", dict(batch_size=0),
+         r"`batch_size` must be an integer >= 1. Received: batch_size=0$"),
         ("image_size", dict(batch_size=4, image_size=-3),
-         r"`image_size` must be an integer >= 1, received: -3\."),
-        ("float_batch", dict(batch_size=2.5), r"`batch_size` must be .*received: 2\.5\."),
+         r"`image_size` must be an integer >= 1. Received: image_size=-3$"),
+        ("float_batch", dict(batch_size=2.5), r"`batch_size` must be .*Received: batch_size=2\.5$"),
         ("split", dict(batch_size=4, split="validation"),
          r"Unknown `split`: 'validation'\. Expected one of: train, test\."),
     )
@@ -70,7 +71,7 @@ class ValidationTest(TestCase):
 
     def test_synthetic_text_needs_room_for_markers(self):
         with self.assertRaisesRegex(
-            ValueError, r"`vocab_size` must be an integer >= 34, received: 20\."
+            ValueError, r"`vocab_size` must be an integer >= 34. Received: vocab_size=20$"
         ):
             data.synthetic_text(8, vocab_size=20, num_classes=4)
 

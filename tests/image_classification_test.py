@@ -22,6 +22,11 @@ from tests.base import TestCase
 MODULE = "recipes.image_classification"
 
 
+def _run(**settings):
+    return recipe_helpers.run_recipe(image_classification, **settings)
+
+
+
 class RunTest(TestCase):
     def test_injected_dataset_trains_and_exports_float32(self):
         rng = np.random.default_rng(0)
@@ -29,7 +34,7 @@ class RunTest(TestCase):
         y = rng.integers(0, 10, 32).astype("int32")
         data = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
         export_dir = os.path.join(self.tmp_dir(), "export")
-        results = image_classification.run(
+        results = _run(
             dataset="synthetic", image_size=16, batch_size=8, epochs=1, steps_per_epoch=3,
             export_dir=export_dir, dataset_override=(data, data), verbose=0)
         self.assertEqual(results["policy"], "mixed_float16")
@@ -53,7 +58,7 @@ class RunTest(TestCase):
         train = tf.data.Dataset.from_tensor_slices((x_bad, y)).batch(8)
         evaluation = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
         export_dir = os.path.join(self.tmp_dir(), "export")
-        results = image_classification.run(
+        results = _run(
             dataset="synthetic", image_size=16, batch_size=8, epochs=1, policy=policy,
             export_dir=export_dir, dataset_override=(train, evaluation), verbose=0)
         self.assertEqual(results["skipped_steps"], 1)
@@ -71,7 +76,7 @@ class RunTest(TestCase):
         # Throughput's clock: one second per reading (epoch start, each batch-end call).
         clock = types.SimpleNamespace(perf_counter=itertools.count().__next__)
         with mock.patch.object(tfmp.callbacks, "time", clock):
-            results = image_classification.run(
+            results = _run(
                 dataset="synthetic", image_size=8, batch_size=8, epochs=2, steps_per_epoch=4,
                 steps_per_execution=2, dataset_override=(data, data), verbose=0)
         self.assertEqual(results["optimizer_steps"] + results["skipped_steps"], 8)
@@ -81,7 +86,7 @@ class RunTest(TestCase):
         self.assertEqual(results["examples_per_second"], [16.0, 16.0])
 
     def test_synthetic_default_learns(self):
-        results = image_classification.run(
+        results = _run(
             batch_size=32, epochs=3, steps_per_epoch=8, num_synthetic=512, learning_rate=3e-3,
             verbose=0)
         # 10 classes: chance is 0.1.
@@ -90,7 +95,7 @@ class RunTest(TestCase):
 
     def test_cifar10_through_tfds(self):
         with tfds.testing.mock_data(num_examples=16):
-            results = image_classification.run(
+            results = _run(
                 dataset="cifar10", batch_size=4, epochs=1, steps_per_epoch=2,
                 policy="mixed_bfloat16", verbose=0)
         self.assertEqual(results["policy"], "mixed_bfloat16")
@@ -111,7 +116,7 @@ class EarlyChecksTest(TestCase):
     def _refused(self, message, **kwargs):
         model_patch, data_patch = _nothing_built()
         with model_patch, data_patch, self.assertRaisesRegex(tfmp.training.UsageError, message):
-            image_classification.run(batch_size=4, epochs=1, steps_per_epoch=1,
+            _run(batch_size=4, epochs=1, steps_per_epoch=1,
                                      num_synthetic=8, verbose=0, **kwargs)
 
     @parameterized.named_parameters(
@@ -155,7 +160,7 @@ class EarlyChecksTest(TestCase):
 
     def test_resume_with_another_model_is_refused(self):  # item 2
         model_dir = self.tmp_dir()
-        image_classification.run(image_size=8, batch_size=4, epochs=1, steps_per_epoch=1,
+        _run(image_size=8, batch_size=4, epochs=1, steps_per_epoch=1,
                                  num_synthetic=8, model_dir=model_dir, verbose=0)
         with mock.patch.object(tfmp.models, "image_classifier",
                                side_effect=AssertionError("built the model")):
@@ -164,27 +169,30 @@ class EarlyChecksTest(TestCase):
                     r"^`model_dir` holds a run with image_size=8, model='resnet_mini'; this run "
                     r"has image_size=32, model='mobilenet_v2'. Pass the same settings to resume "
                     r"that run, or a new --model_dir for a new run."):
-                image_classification.run(model="mobilenet_v2", image_size=32, batch_size=4,
+                _run(model="mobilenet_v2", image_size=32, batch_size=4,
                                          epochs=1, steps_per_epoch=1, num_synthetic=8,
                                          model_dir=model_dir, verbose=0)
-        with open(os.path.join(model_dir, "run.json")) as f:
-            self.assertEqual(json.load(f)["model_settings"], {
-                "recipe": "image_classification", "model": "resnet_mini", "image_size": 8,
-                "dataset": "synthetic"})
+        with open(os.path.join(model_dir, "config.json")) as f:
+            recorded = json.load(f)
+        self.assertEqual(recorded["model"], {"model": "resnet_mini", "image_size": 8})
+        self.assertEqual(recorded["config"]["recipe"], "image_classification")
+        self.assertEqual(recorded["resumes"], [])
 
 
 class CommandLineTest(TestCase):
     @parameterized.named_parameters(
         ("policy", ["--policy=fp16"], "Unknown `policy`: 'fp16'. Expected one of: "
          "mixed_float16, mixed_bfloat16, float32, auto."),
-        ("dataset", ["--dataset=mnist"], "Expected one of: synthetic, cifar10, imagenet2012."),
-        ("batch_size", ["--batch_size=0"], "`batch_size` must be a positive integer"),
+        ("dataset", ["--dataset=mnist"],
+         "Expected an image dataset, one of: synthetic, cifar10, imagenet2012."),
+        ("batch_size", ["--batch_size=0"],
+         "`batch_size` must be an integer >= 1. Received: batch_size=0"),
         ("loss_scale", ["--loss_scale=-1"], "`loss_scale` must be 'dynamic' or a positive"),
         ("model", ["--model=vgg"], "Unknown `model`: 'vgg'"),
         ("learning_rate", ["--learning_rate=inf"], "`learning_rate` must be a positive finite"),
         ("seed", ["--seed=-1"], "`seed` must be an integer >= 0"),
         ("cpu_replicas", ["--cpu_replicas=0"], "`cpu_replicas` must be an integer >= 1"),
-        ("num_synthetic", ["--num_synthetic=0"], "`num_synthetic` must be a positive integer"),
+        ("num_synthetic", ["--num_synthetic=0"], "`num_synthetic` must be an integer >= 1"),
         ("multi_worker", ["--distribution=multi_worker"], "needs the TF_CONFIG environment"),
         ("export_dir", ["--export_dir=/etc"], "`export_dir` is a non-empty directory that "
          "holds no SavedModel"),
@@ -193,7 +201,7 @@ class CommandLineTest(TestCase):
          "(--helpfull lists the flags)"),
         ("positional_argument", ["train"], "error: unexpected arguments"),
         ("steps_per_execution", ["--steps_per_execution=0"],
-         "error: `steps_per_execution` must be a positive integer. Received: "
+         "error: `steps_per_execution` must be an integer >= 1. Received: "
          "steps_per_execution=0"),
         ("steps_per_execution_not_dividing", ["--steps_per_epoch=6", "--steps_per_execution=4"],
          "error: `steps_per_epoch` must be a multiple of `steps_per_execution`"),

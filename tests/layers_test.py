@@ -117,7 +117,8 @@ class OutputHeadTest(TestCase):
         self.assertAllClose(y, [[0.75, 0.75]])
 
     def test_rejects_bad_units(self):
-        with self.assertRaisesRegex(ValueError, r"`units` must be a positive integer.*units=0"):
+        with self.assertRaisesRegex(ValueError,
+                                    r"^`units` must be an integer >= 1. Received: units=0$"):
             tfmp_layers.OutputHead(0)
 
 

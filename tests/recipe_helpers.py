@@ -39,3 +39,18 @@ def error_lines(stderr: str) -> list[str]:
              "To enable the following instructions")
     return [line for line in stderr.splitlines()
             if line and not line.startswith(noise) and not _DATED_LOG.match(line)]
+
+
+def run_recipe(recipe, **settings) -> dict:
+    """`recipe.run(recipe.config(<run settings>), **<the rest>)`, as `main` calls it.
+
+    The settings named in `tfmp.run_config.FLAGS` make the `RunConfig` (a bad one
+    raises `UsageError`, as on the command line); the others are `run`'s own
+    arguments (the model's, `dataset_override`, `verbose`).
+    """
+    from tfmp import cli, run_config
+
+    names = set(run_config.FLAGS)
+    with cli.usage_errors():
+        config = recipe.config(**{k: v for k, v in settings.items() if k in names})
+    return recipe.run(config, **{k: v for k, v in settings.items() if k not in names})

@@ -16,9 +16,10 @@ import tfmp
 from tests.base import TestCase
 from tfmp import cli, training
 
-_ARGS = dict(policy="mixed_float16", loss_scale="dynamic", dataset="synthetic",
-             datasets=("synthetic", "cifar10"), batch_size=8, epochs=1, steps_per_epoch=None,
-             learning_rate=1e-3, distribution="none")
+
+def _config(**settings) -> training.RunConfig:
+    """A small run: batch 8, one epoch (`settings` by flag name)."""
+    return training.RunConfig.from_flat({"batch_size": 8, "epochs": 1, **settings})
 
 
 def _model():
@@ -40,53 +41,7 @@ def _fake_clock():
     return types.SimpleNamespace(perf_counter=itertools.count().__next__)
 
 
-class ArgsTest(TestCase):
-    @parameterized.named_parameters(
-        ("dynamic", "dynamic", None), ("fixed", "128", 128.0), ("float", 0.5, 0.5))
-    def test_parse_loss_scale(self, value, expected):
-        self.assertEqual(training.parse_loss_scale(value), expected)
-
-    @parameterized.named_parameters(
-        ("policy", dict(policy="fp16"), "Unknown `policy`: 'fp16'. Expected one of: "
-         "mixed_float16, mixed_bfloat16, float32, auto."),
-        ("loss_scale_negative", dict(loss_scale="-2"), "`loss_scale` must be 'dynamic' or a "
-         "positive number. Received: loss_scale='-2'"),
-        ("loss_scale_word", dict(loss_scale="static"), "loss_scale='static'"),
-        ("loss_scale_inf", dict(loss_scale="inf"), "loss_scale='inf'"),
-        ("dataset", dict(dataset="mnist"), "Unknown `dataset`: 'mnist'. Expected one of: "
-         "synthetic, cifar10."),
-        ("batch_size", dict(batch_size=0), "`batch_size` must be a positive integer. "
-         "Received: batch_size=0"),
-        ("epochs", dict(epochs=-1), "epochs=-1"),
-        ("steps", dict(steps_per_epoch=0), "steps_per_epoch=0"),
-        ("learning_rate", dict(learning_rate=0.0), "learning_rate=0.0"),
-        ("distribution", dict(distribution="tpu"), "Unknown `distribution`: 'tpu'"),
-        ("steps_per_execution", dict(steps_per_execution=0), r"^`steps_per_execution` must be "
-         r"a positive integer. Received: steps_per_execution=0$"),
-        ("steps_per_execution_bool", dict(steps_per_execution=True), "steps_per_execution=True"),
-        ("steps_per_execution_not_dividing", dict(steps_per_epoch=6, steps_per_execution=4),
-         r"^`steps_per_epoch` must be a multiple of `steps_per_execution` \(Keras runs whole "
-         r"executions: each epoch would run 8 steps\). Received: steps_per_epoch=6, "
-         r"steps_per_execution=4$"),
-        ("jit_compile", dict(jit_compile="maybe"), r"^`jit_compile` must be one of 'auto', "
-         r"'true', 'false' \(or a bool\). Received: jit_compile='maybe'$"),
-    )
-    def test_bad_args(self, override, message):
-        with self.assertRaisesRegex(training.UsageError, message):
-            training.check_args(**{**_ARGS, **override})
-
-    def test_good_args(self):
-        training.check_args(**_ARGS)  # raises nothing
-        training.check_args(**{**_ARGS, "steps_per_epoch": 8, "steps_per_execution": 4,
-                               "jit_compile": "true"})
-        training.check_args(**{**_ARGS, "steps_per_execution": 3})  # a full pass: any
-
-    @parameterized.named_parameters(
-        ("auto", "auto", "auto"), ("true", "true", True), ("false_upper", "FALSE", False),
-        ("bool", True, True))
-    def test_parse_jit_compile(self, value, expected):
-        self.assertEqual(training.parse_jit_compile(value), expected)
-
+class OptimizerTest(TestCase):
     @parameterized.named_parameters(
         ("mixed_dynamic", "mixed_float16", "dynamic", True, True, 2.0**15),
         ("mixed_fixed", "mixed_float16", "512", True, False, 512.0),
@@ -94,20 +49,49 @@ class ArgsTest(TestCase):
         ("float32", "float32", "dynamic", False, True, 2.0**15),
     )
     def test_make_optimizer(self, policy, loss_scale, enabled, dynamic, scale):
-        opt = training.make_optimizer(1e-3, policy, loss_scale)
+        opt = training.make_optimizer(_config(loss_scale=loss_scale), policy)
         self.assertEqual((opt.enabled, opt.dynamic, opt.initial_scale), (enabled, dynamic, scale))
+        self.assertTrue(opt.skip_nonfinite)
         self.assertIsInstance(opt.inner_optimizer, keras.optimizers.Adam)
 
-    def test_run_main_lets_tfmp_cli_report_usage_errors_in_one_line(self):
-        def run(**kwargs):
-            training.check_args(**{**_ARGS, **kwargs})
+    def test_linear_scaling_uses_the_accumulated_batch(self):
+        opt = training.make_optimizer(_config(optimizer="sgd", learning_rate=0.1,
+                                              lr_scaling="linear", grad_accum_steps=4),
+                                      "float32")
+        # 0.1 * (8 * 4) / 256
+        self.assertAlmostEqual(float(keras.ops.convert_to_numpy(
+            opt.inner_optimizer.learning_rate)), 0.0125, places=7)
 
+    @parameterized.named_parameters(
+        ("steps_per_epoch", dict(steps_per_epoch=5, epochs=3), 15),
+        ("cardinality", dict(epochs=2), 16),  # 64 examples in batches of 8, twice
+        ("constant", dict(lr_schedule="constant"), None))
+    def test_total_steps(self, settings, expected):
+        config = _config(**{"lr_schedule": "cosine", **settings})
+        self.assertEqual(training.total_steps(config, _data()), expected)
+
+    def test_total_steps_of_an_endless_dataset_is_a_usage_error(self):
+        with self.assertRaisesRegex(
+                training.UsageError, r"^`lr_schedule='cosine'` \(or a warm-up\) needs the run's "
+                r"length: pass --steps_per_epoch"):
+            training.total_steps(_config(lr_schedule="cosine"), _data().repeat())
+
+    def test_warmup_longer_than_the_run_is_a_usage_error(self):
+        with self.assertRaisesRegex(training.UsageError, r"^`warmup_steps` \(20\) must be "
+                                    r"below the run's optimizer steps. Received: total_steps=8$"):
+            training.total_steps(_config(warmup_steps=20), _data())
+
+    def test_run_main_reports_a_bad_flag_value_in_one_line(self):
+        values = {name: types.SimpleNamespace(value=value) for name, value in
+                  _config().flat().items() if name != "recipe"}  # flag holders' stand-ins
+        values["batch_size"] = types.SimpleNamespace(value=-4)
         stderr = io.StringIO()
         with redirect_stderr(stderr):
-            status = cli.call(lambda argv: training.run_main(run, {"batch_size": -4}), ["prog"])
+            status = cli.call(lambda argv: training.run_main(
+                lambda config: self.fail("ran"), "image_classification", values, {}), ["prog"])
         self.assertEqual(status, 2)
         self.assertRegex(stderr.getvalue(),
-                         r"^error: `batch_size` must be a positive integer. Received: "
+                         r"^error: `batch_size` must be an integer >= 1. Received: "
                          r"batch_size=-4\n$")
 
 
@@ -118,8 +102,8 @@ class OutputPathsTest(TestCase):
         super().setUp()
         self.dir, self.file = self.tmp_dir_with_a_file()
 
-    def _check(self, **paths):
-        training.check_args(**{**_ARGS, **paths})
+    def _check(self, model_dir=None, export_dir=None):
+        training.check_output_paths(model_dir, export_dir)
 
     def test_good_paths(self):
         self._check(model_dir=os.path.join(self.dir, "run"),
@@ -165,54 +149,39 @@ class OutputPathsTest(TestCase):
                 self._check(**{argument: os.path.join(read_only, path)})
 
 
-class RunSettingsTest(TestCase):
-    """Item: resuming with another model is refused in one line, naming the setting."""
+def _train(build=_model, train=None, evaluation=None, **settings) -> dict:
+    config = _config(**settings)
+    training.prepare(config)
+    return training.train_and_evaluate(config, build, _data() if train is None else train,
+                                       evaluation, verbose=0)
 
-    _SETTINGS = {"recipe": "image_classification", "model": "resnet_mini", "image_size": 32}
 
-    def test_records_atomically_then_accepts_the_same(self):
-        model_dir = os.path.join(self.tmp_dir(), "run")
-        training.check_run_settings(model_dir, self._SETTINGS)
-        self.assertEqual(os.listdir(model_dir), ["run.json"])  # no temporary left
-        with open(os.path.join(model_dir, "run.json")) as f:
-            self.assertEqual(json.load(f), {"model_settings": self._SETTINGS})
-        training.check_run_settings(model_dir, dict(self._SETTINGS))
+def _scalars(log_dir: str) -> dict[str, list[tuple[int, float]]]:
+    """The TensorBoard scalars under `log_dir`: {tag: [(step, value), ...]}, in step order."""
+    import tensorflow as tf
 
-    def test_other_settings_are_refused(self):
-        model_dir = self.tmp_dir()
-        training.check_run_settings(model_dir, self._SETTINGS)
-        with self.assertRaisesRegex(
-                training.UsageError,
-                r"^`model_dir` holds a run with image_size=32, model='resnet_mini'; this run "
-                r"has image_size=64, model='resnet50'. Pass the same settings to resume that "
-                r"run, or a new --model_dir for a new run. Received: model_dir='.*'$"):
-            training.check_run_settings(
-                model_dir, {**self._SETTINGS, "model": "resnet50", "image_size": 64})
-
-    def test_only_the_chief_writes(self):
-        model_dir = self.tmp_dir()
-        training.check_run_settings(model_dir, self._SETTINGS, write=False)
-        self.assertEqual(os.listdir(model_dir), [])
-
-    def test_unreadable_run_file(self):
-        model_dir = self.tmp_dir()
-        with open(os.path.join(model_dir, "run.json"), "w") as f:
-            f.write("{not json")
-        with self.assertRaisesRegex(training.UsageError,
-                                    r"^`model_dir` has an unreadable run.json \(JSONDecodeError"):
-            training.check_run_settings(model_dir, self._SETTINGS)
+    points = {}
+    for root, _, files in os.walk(log_dir):
+        for name in sorted(f for f in files if f.startswith("events")):
+            for event in tf.compat.v1.train.summary_iterator(os.path.join(root, name)):
+                for value in event.summary.value:
+                    if value.metadata.plugin_data.plugin_name != "scalars":
+                        continue  # the model's config, as text
+                    points.setdefault(value.tag, []).append(
+                        (event.step, float(tf.make_ndarray(value.tensor))))
+    return {tag: sorted(values) for tag, values in points.items()}
 
 
 class TrainAndEvaluateTest(TestCase):
     def test_trains_logs_backs_up_and_exports(self):
         model_dir, export_dir = self.tmp_dir(), os.path.join(self.tmp_dir(), "export")
-        results = training.train_and_evaluate(
-            _model, _data(), _data(16), policy="mixed_float16", epochs=2, steps_per_epoch=6,
-            batch_size=8, learning_rate=1e-2, model_dir=model_dir, export_dir=export_dir,
-            verbose=0)
+        results = _train(evaluation=_data(16), policy="mixed_float16", epochs=2,
+                         steps_per_epoch=6, learning_rate=1e-2, model_dir=model_dir,
+                         export_dir=export_dir)
         self.assertEqual(results["policy"], "mixed_float16")
         self.assertEqual((results["epochs_run"], results["optimizer_steps"]), (2, 12))
         self.assertEqual(results["loss_scale"], 2.0**15)
+        self.assertAlmostEqual(results["learning_rate"], 1e-2)
         self.assertEqual(len(results["examples_per_second"]), 2)
         self.assertTrue(all(v > 0 for v in results["examples_per_second"]))
         self.assertTrue(np.isfinite(results["eval_loss"]))
@@ -220,18 +189,47 @@ class TrainAndEvaluateTest(TestCase):
         self.assertEqual(results["model_file"], os.path.join(model_dir, "model.keras"))
         loaded = keras.saving.load_model(results["model_file"])  # safe_mode, no custom_objects
         self.assertIsInstance(loaded.optimizer, tfmp.LossScaleOptimizer)
-        self.assertTrue(any(f.startswith("events") for _, _, files in
-                            os.walk(os.path.join(model_dir, "logs")) for f in files))
         self.assertEqual(tfmp.export.serving_signature(export_dir)["outputs"]["output_0"][0],
                          "float32")
 
+    def test_resume_continues_the_schedule_and_the_tensorboard_scalars(self):
+        # Warm-up over 4 steps, then cosine decay to 0: 3 epochs of 2 steps, then
+        # resumed with --epochs=5 (allowed): the schedule is stretched to 10 steps.
+        model_dir = self.tmp_dir()
+        settings = dict(policy="mixed_float16", steps_per_epoch=2, learning_rate=0.1,
+                        optimizer="sgd", lr_schedule="cosine", warmup_steps=4,
+                        model_dir=model_dir)
+        with self.assertRaisesRegex(training.UsageError, r"warmup_steps"):
+            _train(epochs=2, **settings)  # the 4 warm-up steps are the whole run of 2 epochs
+        first = _train(epochs=3, **settings)
+        keras.backend.clear_session()
+        second = _train(epochs=5, **settings)
+        self.assertEqual((first["optimizer_steps"], second["epochs_run"],
+                          second["optimizer_steps"]), (6, 2, 10))
+        self.assertAlmostEqual(second["learning_rate"], 0.0, places=7)
+        scalars = _scalars(os.path.join(model_dir, "logs", "train"))
+        steps = [0, 1, 2, 3, 4]
+        self.assertEqual([step for step, _ in scalars["epoch_learning_rate"]], steps)
+        # After 2 and 4 steps: warming up; 6: the end of a 6-step decay; 8 and 10: of a
+        # 10-step one (cosine over the 6 steps after the warm-up).
+        rates = [value for _, value in scalars["epoch_learning_rate"]]
+        np.testing.assert_allclose(
+            rates, [0.05, 0.1, 0.0, 0.1 * 0.5 * (1 + np.cos(np.pi * 4 / 6)), 0.0], atol=1e-6)
+        for tag in ("epoch_loss_scale", "epoch_skipped_steps", "epoch_examples_per_second",
+                    "epoch_loss"):
+            self.assertEqual([step for step, _ in scalars[tag]], steps, tag)
+        monitor = _scalars(os.path.join(model_dir, "logs", "loss_scale"))
+        self.assertEqual(monitor["loss_scale"][-1], (10, 2.0**15))
+        with open(os.path.join(model_dir, "config.json")) as f:
+            record = json.load(f)
+        self.assertEqual(record["resumes"], [{"epochs": [3, 5]}])
+
     def test_resumes_from_backup_with_optimizer_state(self):
         model_dir = self.tmp_dir()
-        kwargs = dict(policy="mixed_float16", steps_per_epoch=4, batch_size=8,
-                      model_dir=model_dir, verbose=0)
-        first = training.train_and_evaluate(_model, _data(), None, epochs=2, **kwargs)
+        kwargs = dict(policy="mixed_float16", steps_per_epoch=4, model_dir=model_dir)
+        first = _train(epochs=2, **kwargs)
         keras.backend.clear_session()
-        second = training.train_and_evaluate(_model, _data(), None, epochs=3, **kwargs)
+        second = _train(epochs=3, **kwargs)
         self.assertEqual(first["optimizer_steps"], 8)
         # Only the third epoch ran, on top of the restored optimizer state.
         self.assertEqual((second["epochs_run"], second["optimizer_steps"]), (1, 12))
@@ -246,11 +244,11 @@ class TrainAndEvaluateTest(TestCase):
 
         with mock.patch.object(keras.Model, "compile", spy), \
                 mock.patch.object(tfmp.callbacks, "time", _fake_clock()):
-            results = training.train_and_evaluate(
-                _model, _data(), None, policy="float32", epochs=2, steps_per_epoch=4,
-                steps_per_execution=2, batch_size=8, verbose=0)
+            results = _train(policy="float32", epochs=2, steps_per_epoch=4,
+                             steps_per_execution=2, label_smoothing=0.2)
         self.assertEqual((compile_calls[0]["jit_compile"],
                           compile_calls[0]["steps_per_execution"]), ("auto", 2))
+        self.assertEqual(compile_calls[0]["loss"].label_smoothing, 0.2)
         # Keras' "auto" on a CPU-only machine: no XLA.
         self.assertEqual((results["jit_compile"], results["steps_per_execution"]), (False, 2))
         self.assertEqual(results["optimizer_steps"] + results["skipped_steps"], 8)
@@ -268,9 +266,15 @@ class TrainAndEvaluateTest(TestCase):
 
         with self.assertRaisesRegex(tfmp.callbacks.LossScaleError,
                                     r"^100 training steps in a row were skipped"):
-            training.train_and_evaluate(
-                build, _data(nan=True), None, policy="float32", epochs=1, steps_per_epoch=200,
-                steps_per_execution=2, batch_size=8, verbose=0)
+            _train(build, _data(nan=True), policy="float32", epochs=1, steps_per_epoch=200,
+                   steps_per_execution=2)
         optimizer = built[0].optimizer
         self.assertEqual(int(keras.ops.convert_to_numpy(optimizer.skipped_steps)), 100)
         self.assertEqual(int(keras.ops.convert_to_numpy(optimizer.iterations)), 0)
+
+    def test_describe_run_is_one_line(self):
+        line = training.describe_run(_config(), "mixed_float16",
+                                     tfmp.distribute.create_strategy("none"))
+        self.assertEqual(line, "policy mixed_float16 (float16 compute, float32 variables, "
+                         "dynamic loss scale); CPU only (no GPU found); distribution none "
+                         "(1 replica(s)); optimizer adam")

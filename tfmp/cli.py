@@ -14,7 +14,10 @@ so that all of them exit the same way:
   `--model_dir`, or repair or remove the backup).
 - 1: a failure during the work (any other exception), one `error: ...` line too.
 
-No traceback is printed unless `--traceback` is passed.
+No traceback is printed unless `--verbose` is passed, which also shows
+TensorFlow's native start-up logging (hidden by `tools/startup.py` otherwise).
+
+Flags are defined one way: `define_flags({name: (type, default, help)})`.
 
 Example:
 
@@ -183,17 +186,58 @@ def _parse_or_exit(argv: list[str]) -> list[str]:
 def run(main: Callable[[list[str]], int | None]) -> NoReturn:
     """`absl.app.run(main)` with tfmp's exit convention (see the module docstring).
 
-    Adds a `--traceback` flag that prints the traceback of an error too.
+    Adds a `--verbose` flag that prints the traceback of an error too (and, read
+    by `tools/startup.py` before TensorFlow loads, its native start-up logging).
 
     Args:
         main: The program's main function, called with the arguments left after
             the flags; returns None (success) or an exit status.
     """
-    if "traceback" not in flags.FLAGS:
-        flags.DEFINE_bool("traceback", False, "On an error, print its traceback too.")
-    app.run(lambda argv: call(main, argv, traceback=flags.FLAGS.traceback),
+    if "verbose" not in flags.FLAGS:
+        flags.DEFINE_bool("verbose", False, "Print an error's traceback and TensorFlow's "
+                          "native start-up logging.")
+    app.run(lambda argv: call(main, argv, traceback=flags.FLAGS.verbose),
             flags_parser=_parse_or_exit)
     raise AssertionError("absl.app.run returned")  # it always exits
+
+
+_DEFINE = {str: flags.DEFINE_string, int: flags.DEFINE_integer, float: flags.DEFINE_float,
+           bool: flags.DEFINE_bool, list: flags.DEFINE_list}
+
+
+def define_flags(definitions: dict[str, tuple]) -> dict[str, flags.FlagHolder]:
+    """Defines a program's flags, the one way every recipe and tool does.
+
+    Args:
+        definitions: `{name: (kind, default, help)}`, where `kind` is `str`, `int`,
+            `float`, `bool`, `list` (comma-separated strings) or a tuple of the
+            allowed strings (an enum, matched in any case).
+
+    Returns:
+        Flag holders by name (`flag_values` reads them). A flag already defined (a
+        second program imported into one process, as in tests) is reused, with
+        its first default.
+
+    Example:
+
+        _FLAGS = define_flags({"steps": (int, 100, "Training steps.")})
+        flag_values(_FLAGS)["steps"]
+    """
+    holders = {}
+    for name, (kind, default, help_text) in definitions.items():
+        if name in flags.FLAGS:
+            holders[name] = flags.FlagHolder(flags.FLAGS, flags.FLAGS[name])
+        elif isinstance(kind, tuple):
+            holders[name] = flags.DEFINE_enum(name, default, kind, help_text,
+                                              case_sensitive=False)
+        else:
+            holders[name] = _DEFINE[kind](name, default, help_text)
+    return holders
+
+
+def flag_values(holders: dict[str, flags.FlagHolder]) -> dict:
+    """The values of the flags `define_flags` returned, by name."""
+    return {name: holder.value for name, holder in holders.items()}
 
 
 def _nearest_existing(path: str) -> str:

@@ -22,7 +22,7 @@ import os
 
 import numpy as np
 
-from tfmp import _tf
+from tfmp import _checks, _tf
 
 tf = _tf.import_tensorflow('tfmp.data')
 
@@ -102,8 +102,7 @@ def validate_dataset_name(name: str, *, kind: str | None = None, argument: str =
 
 
 def _check_int(argument: str, value: int, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"`{argument}` must be an integer >= {minimum}, received: {value!r}.")
+    _checks.integer(argument, value, minimum)
 
 
 def dataset_info(name: str, *, image_size: int = 32, seq_len: int = 256) -> DatasetInfo:

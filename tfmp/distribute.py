@@ -20,7 +20,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 
-from tfmp import _tf
+from tfmp import _checks, _tf
 
 tf = _tf.import_tensorflow('tfmp.distribute')
 
@@ -47,9 +47,7 @@ def configure_cpu_replicas(count: int) -> None:
     Args:
         count: Logical CPU devices (>= 1).
     """
-    if not isinstance(count, int) or count < 1:
-        raise ValueError(
-            f"`cpu_replicas` must be an integer >= 1. Received: cpu_replicas={count!r}")
+    _checks.integer("cpu_replicas", count)
     if count == 1:
         return
     cpu = tf.config.list_physical_devices("CPU")[0]

@@ -35,6 +35,7 @@ import inspect
 import keras
 from keras import ops
 
+from tfmp import _checks
 from tfmp.normalization import FLOAT16_SAFE_EPSILON, LayerNormalization, RMSNormalization
 
 _WIDE_FLOATS = ("float32", "float64")
@@ -170,8 +171,7 @@ class OutputHead(keras.layers.Layer):
         bias_regularizer=None,
         **kwargs,
     ):
-        if isinstance(units, bool) or not isinstance(units, int) or units <= 0:
-            raise ValueError(f"`units` must be a positive integer. Received: units={units!r}")
+        _checks.integer("units", units)
         super().__init__(**kwargs)
         self.units = units
         self.activation = keras.activations.get(activation)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import keras
 
+from tfmp import _checks
 from tfmp import layers as tfmp_layers
 
 _APPLICATIONS = {
@@ -50,6 +51,26 @@ def validate_image_model(name: str, image_size: int | None = None) -> str:
             f"(keras.applications' minimum; resnet_mini takes any size). "
             f"Received: image_size={image_size!r}")
     return name
+
+
+def validate_text_model(*, seq_len: int, vocab_size: int, embed_dim: int, num_heads: int,
+                        num_layers: int, ff_dim: int = 128, dropout: float = 0.1) -> None:
+    """Raises `ValueError` for a `text_classifier` shape it cannot build.
+
+    Args:
+        seq_len, vocab_size, embed_dim, num_heads, num_layers, ff_dim: integers >= 1;
+            `num_heads` divides `embed_dim`.
+        dropout: A rate in [0, 1).
+    """
+    for name, value in (("seq_len", seq_len), ("vocab_size", vocab_size),
+                        ("embed_dim", embed_dim), ("num_heads", num_heads),
+                        ("num_layers", num_layers), ("ff_dim", ff_dim)):
+        _checks.integer(name, value)
+    _checks.check(isinstance(dropout, (int, float)) and not isinstance(dropout, bool)
+                  and 0 <= dropout < 1, "dropout", dropout, "a number in [0, 1)")
+    if embed_dim % num_heads:
+        raise ValueError(
+            f"`num_heads` must divide `embed_dim` ({embed_dim}). Received: num_heads={num_heads}")
 
 
 def _residual_block(x, filters: int, stride: int):
@@ -162,9 +183,9 @@ def text_classifier(seq_len: int, vocab_size: int, num_classes: int, *, embed_di
     Returns:
         A functional `keras.Model` taking int32 token ids `(batch, seq_len)`.
     """
-    if embed_dim % num_heads:
-        raise ValueError(
-            f"`num_heads` must divide `embed_dim` ({embed_dim}). Received: num_heads={num_heads}")
+    validate_text_model(seq_len=seq_len, vocab_size=vocab_size, embed_dim=embed_dim,
+                        num_heads=num_heads, num_layers=num_layers, ff_dim=ff_dim,
+                        dropout=dropout)
     tokens = keras.Input((seq_len,), dtype="int32", name="tokens")
     x = TokenAndPositionEmbedding(seq_len, vocab_size, embed_dim)(tokens)
     padding = keras.ops.not_equal(tokens, 0)
