@@ -180,19 +180,17 @@ class EarlyChecksTest(TestCase):
 
 
 class CommandLineTest(TestCase):
+    # One case per kind of check (each value check is in tests/run_config_test.py):
+    # the config, a model flag, absl's parsing, an enum, a path, TF_CONFIG.
     @parameterized.named_parameters(
         ("policy", ["--policy=fp16"], "Unknown `policy`: 'fp16'. Expected one of: "
          "mixed_float16, mixed_bfloat16, float32, auto."),
-        ("dataset", ["--dataset=mnist"],
-         "Expected an image dataset, one of: synthetic, cifar10, imagenet2012."),
-        ("batch_size", ["--batch_size=0"],
-         "`batch_size` must be an integer >= 1. Received: batch_size=0"),
-        ("loss_scale", ["--loss_scale=-1"], "`loss_scale` must be 'dynamic' or a positive"),
         ("model", ["--model=vgg"], "Unknown `model`: 'vgg'"),
-        ("learning_rate", ["--learning_rate=inf"], "`learning_rate` must be a positive finite"),
-        ("seed", ["--seed=-1"], "`seed` must be an integer >= 0"),
-        ("cpu_replicas", ["--cpu_replicas=0"], "`cpu_replicas` must be an integer >= 1"),
-        ("num_synthetic", ["--num_synthetic=0"], "`num_synthetic` must be an integer >= 1"),
+        ("optimizer", ["--optimizer=rmsprop"], "error: `optimizer` must be one of sgd, adam, "
+         "adamw, lamb. Received: optimizer='rmsprop'"),
+        ("step_boundaries", ["--lr_schedule=step", "--step_boundaries=10,x"],
+         "error: `step_boundaries` must be comma-separated integers (steps). Received: "
+         "step_boundaries='10,x'"),
         ("multi_worker", ["--distribution=multi_worker"], "needs the TF_CONFIG environment"),
         ("export_dir", ["--export_dir=/etc"], "`export_dir` is a non-empty directory that "
          "holds no SavedModel"),
@@ -200,9 +198,6 @@ class CommandLineTest(TestCase):
          "error: flag --batch_size=abc: invalid literal for int() with base 10: 'abc' "
          "(--helpfull lists the flags)"),
         ("positional_argument", ["train"], "error: unexpected arguments"),
-        ("steps_per_execution", ["--steps_per_execution=0"],
-         "error: `steps_per_execution` must be an integer >= 1. Received: "
-         "steps_per_execution=0"),
         ("steps_per_execution_not_dividing", ["--steps_per_epoch=6", "--steps_per_execution=4"],
          "error: `steps_per_epoch` must be a multiple of `steps_per_execution`"),
         ("jit_compile", ["--jit_compile=maybe"],
