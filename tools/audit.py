@@ -26,15 +26,29 @@ import zipfile
 from collections.abc import Callable
 from typing import Any
 
-from absl import flags
-
 import tfmp
 from tfmp import _io
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-FLAGS = flags.FLAGS
 
-
+# Defined only when the tool runs as a program (`__main__` below), not on import: tests
+# import this module beside the recipes, whose --model and --batch_size have other defaults,
+# --loss_scale another type (str) and --policy another help text.
+_FLAG_TABLE = {
+    "model": (str, None, "Path of a `.keras` model file."),
+    "data": (str, None, "Path of an `.npz` file with `x` and optional `y`."),
+    "recipe_model": (str, None, "Instead of --model/--data: a tfmp.models image classifier "
+                     "(resnet_mini, mobilenet_v2, resnet50, efficientnet_b0) on synthetic "
+                     "images."),
+    "batch_size": (int, 8, "Synthetic batch size for --recipe_model."),
+    "policy": (str, "mixed_float16", "mixed_float16, mixed_bfloat16, or 'model' for the "
+               "model's own per-layer policies (e.g. a model converted with "
+               "tfmp.convert.apply_policy)."),
+    "loss": (str, None, "Keras loss name (default: the compiled loss)."),
+    "loss_scale": (float, None, "Loss scale for the scaled underflow share (default: "
+                   "recommended)."),
+    "out_dir": (str, ".", "Where to write report.json and audit.png."),
+}
 
 _POLICIES = ("mixed_float16", "mixed_bfloat16", "model")
 _OUTPUTS = ("report.json", "audit.png")
@@ -165,38 +179,19 @@ def audit(*, model_path: str | None = None, data_path: str | None = None,
     return result
 
 
-def _define_flags() -> None:
-    """Defines the tool's flags, only when it runs as a program.
-
-    Importing the module then registers no flag that could clash with
-    another tool's or recipe's flags in the same process.
-    """
-    flags.DEFINE_string("model", None, "Path of a `.keras` model file.")
-    flags.DEFINE_string("data", None, "Path of an `.npz` file with `x` and optional `y`.")
-    flags.DEFINE_string(
-        "recipe_model", None, "Instead of --model/--data: a tfmp.models image classifier "
-        "(resnet_mini, mobilenet_v2, resnet50, efficientnet_b0) on synthetic images.")
-    flags.DEFINE_integer("batch_size", 8, "Synthetic batch size for --recipe_model.")
-    flags.DEFINE_string(
-        "policy", "mixed_float16", "mixed_float16, mixed_bfloat16, or 'model' for the model's "
-        "own per-layer policies (e.g. a model converted with tfmp.convert.apply_policy).")
-    flags.DEFINE_string("loss", None, "Keras loss name (default: the compiled loss).")
-    flags.DEFINE_float(
-        "loss_scale", None, "Loss scale for the scaled underflow share (default: recommended).")
-    flags.DEFINE_string("out_dir", ".", "Where to write report.json and audit.png.")
-
-
 def main(argv):
     tfmp.cli.check_no_arguments(argv)
     # Exit 2 for what is wrong with the arguments, the model file or the data
     # (tfmp.cli's convention); the output directory is checked before any work.
+    values = tfmp.cli.flag_values(_FLAGS)
     with tfmp.cli.usage_errors():
-        check_out_dir(FLAGS.out_dir)
-        audit(model_path=FLAGS.model, data_path=FLAGS.data, recipe_model=FLAGS.recipe_model,
-              batch_size=FLAGS.batch_size, policy=FLAGS.policy, loss=FLAGS.loss,
-              loss_scale=FLAGS.loss_scale, out_dir=FLAGS.out_dir)
+        check_out_dir(values["out_dir"])
+        audit(model_path=values["model"], data_path=values["data"],
+              recipe_model=values["recipe_model"], batch_size=values["batch_size"],
+              policy=values["policy"], loss=values["loss"], loss_scale=values["loss_scale"],
+              out_dir=values["out_dir"])
 
 
 if __name__ == "__main__":
-    _define_flags()
+    _FLAGS = tfmp.cli.define_flags(_FLAG_TABLE)  # as a program only: see _FLAG_TABLE
     tfmp.cli.run(main)

@@ -19,11 +19,15 @@ from absl import flags, logging
 
 import tfmp
 
-_MODEL = flags.DEFINE_string("model", None, "Path of the `.keras` model file to export.")
-_EXPORT_DIR = flags.DEFINE_string("export_dir", None, "SavedModel directory to write.")
-_SERVING_DTYPE = flags.DEFINE_string(
-    "serving_dtype", "float32", "Dtype of the served inputs and outputs: float32, float16 "
-    "or bfloat16.")
+# Defined only when the tool runs as a program (`__main__` below), not on import: the
+# recipes' --model has another default ("resnet_mini": --model would no longer be required)
+# and their --export_dir another help text.
+_FLAG_TABLE = {
+    "model": (str, None, "Path of the `.keras` model file to export."),
+    "export_dir": (str, None, "SavedModel directory to write."),
+    "serving_dtype": (str, "float32", "Dtype of the served inputs and outputs: float32, "
+                      "float16 or bfloat16."),
+}
 
 
 def _format(tensors: dict) -> str:
@@ -69,17 +73,19 @@ def main(argv):
     del argv
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # TensorFlow's INFO lines about saving.
-    if not _MODEL.value:
+    values = tfmp.cli.flag_values(_FLAGS)
+    if not values["model"]:
         raise tfmp.cli.UsageError("`--model` is required: the path of a `.keras` file.")
-    if not _EXPORT_DIR.value:
+    if not values["export_dir"]:
         raise tfmp.cli.UsageError(
             "`--export_dir` is required: the SavedModel directory to write.")
     with tfmp.cli.usage_errors():  # the export_dir first, then the model file
-        tfmp.export.validate_serving_dtype(_SERVING_DTYPE.value)
-        tfmp.export.check_export_dir(_EXPORT_DIR.value)
-        model = tfmp.cli.load_keras_file(_MODEL.value, argument="--model")
-    print(_export(model, _EXPORT_DIR.value, _SERVING_DTYPE.value))
+        tfmp.export.validate_serving_dtype(values["serving_dtype"])
+        tfmp.export.check_export_dir(values["export_dir"])
+        model = tfmp.cli.load_keras_file(values["model"], argument="--model")
+    print(_export(model, values["export_dir"], values["serving_dtype"]))
 
 
 if __name__ == "__main__":
+    _FLAGS = tfmp.cli.define_flags(_FLAG_TABLE)  # as a program only: see _FLAG_TABLE
     tfmp.cli.run(main)

@@ -15,11 +15,13 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from absl import flags
-
 import tfmp
 
-_JSON = flags.DEFINE_boolean("json", False, "Print the rows as JSON instead of a table.")
+# Defined only when the tool runs as a program (`__main__` below), not on import: tests
+# import this module, and tools.bench_optimizer and tools.benchmark define a string --json.
+_FLAG_TABLE = {
+    "json": (bool, False, "Print the rows as JSON instead of a table."),
+}
 
 
 def inspect_policy(
@@ -57,8 +59,9 @@ def main(argv):
             "expected exactly one model path: python -m tools.inspect_policy "
             f"model.keras [--json]. Received: {argv[1:]}")
     with tfmp.cli.usage_errors():  # every error here is about the file given
-        inspect_policy(argv[1], as_json=_JSON.value)
+        inspect_policy(argv[1], as_json=_FLAGS["json"].value)
 
 
 if __name__ == "__main__":
+    _FLAGS = tfmp.cli.define_flags(_FLAG_TABLE)  # as a program only: see _FLAG_TABLE
     tfmp.cli.run(main)

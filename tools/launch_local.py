@@ -23,9 +23,11 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-from absl import flags
+import tfmp
 
-_NUM_WORKERS = flags.DEFINE_integer("num_workers", 2, "Worker processes to start.")
+_FLAGS = tfmp.cli.define_flags({
+    "num_workers": (int, 2, "Worker processes to start."),
+})
 _GRACE = 10.0  # seconds between SIGTERM and SIGKILL when stopping workers
 
 
@@ -123,16 +125,13 @@ def launch(command: Sequence[str], num_workers: int, *,
 
 
 def main(argv):
-    from tfmp import cli
-
     try:
-        return launch(argv[1:], _NUM_WORKERS.value, print_fn=lambda s: print(s, flush=True))
+        return launch(argv[1:], _FLAGS["num_workers"].value,
+                      print_fn=lambda s: print(s, flush=True))
     except (ValueError, OSError) as e:  # bad arguments, or a command that does not start
-        raise cli.UsageError(str(e)) from e
+        raise tfmp.cli.UsageError(str(e)) from e
 
 
 if __name__ == "__main__":
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run `finally`: stop workers
-    from tfmp import cli
-
-    cli.run(main)
+    tfmp.cli.run(main)
