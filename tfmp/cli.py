@@ -205,13 +205,23 @@ _DEFINE = {str: flags.DEFINE_string, int: flags.DEFINE_integer, float: flags.DEF
            bool: flags.DEFINE_bool, list: flags.DEFINE_list}
 
 
-def define_flags(definitions: dict[str, tuple]) -> dict[str, flags.FlagHolder]:
+def calling_module(depth: int = 1) -> str:
+    """The name absl files flags under for the caller `depth` frames up (`sys.argv[0]` for
+    `__main__`, as absl's own `DEFINE_*` do), so that `--help` lists a program's flags."""
+    name = sys._getframe(depth + 1).f_globals.get("__name__", "")
+    return sys.argv[0] if name == "__main__" else name
+
+
+def define_flags(definitions: dict[str, tuple], module_name: str | None = None
+                 ) -> dict[str, flags.FlagHolder]:
     """Defines a program's flags, the one way every recipe and tool does.
 
     Args:
         definitions: `{name: (kind, default, help)}`, where `kind` is `str`, `int`,
             `float`, `bool`, `list` (comma-separated strings) or a tuple of the
             allowed strings (an enum, matched in any case).
+        module_name: The module the flags belong to (default: the caller's), which
+            `--help` lists them under.
 
     Returns:
         Flag holders by name (`flag_values` reads them). A flag already defined (a
@@ -223,15 +233,16 @@ def define_flags(definitions: dict[str, tuple]) -> dict[str, flags.FlagHolder]:
         _FLAGS = define_flags({"steps": (int, 100, "Training steps.")})
         flag_values(_FLAGS)["steps"]
     """
+    module_name = module_name or calling_module()
     holders = {}
     for name, (kind, default, help_text) in definitions.items():
         if name in flags.FLAGS:
             holders[name] = flags.FlagHolder(flags.FLAGS, flags.FLAGS[name])
         elif isinstance(kind, tuple):
             holders[name] = flags.DEFINE_enum(name, default, kind, help_text,
-                                              case_sensitive=False)
+                                              case_sensitive=False, module_name=module_name)
         else:
-            holders[name] = _DEFINE[kind](name, default, help_text)
+            holders[name] = _DEFINE[kind](name, default, help_text, module_name=module_name)
     return holders
 
 
@@ -355,20 +366,3 @@ def load_keras_file(path: str, *, argument: str = "model",
         raise ValueError(
             f"could not load `{argument}` as a Keras model in safe mode "
             f"({type(e).__name__}: {e}). Received: {argument}={path!r}") from e
-
-
-@contextlib.contextmanager
-def one_line_errors(exit_code: int = 1) -> Iterator[None]:
-    """Reports any exception raised inside as one `error: ...` line on stderr and exits.
-
-    Superseded by `run` (which also tells usage errors from failures); kept for
-    the tools that still call it.
-
-    Args:
-        exit_code: The non-zero exit status.
-    """
-    try:
-        yield
-    except Exception as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        sys.exit(exit_code)

@@ -294,7 +294,7 @@ def define_flags(**defaults) -> dict:
         if kind is list:
             default = [str(v) for v in default] or None
         definitions[name] = (kind, default, help_text)
-    return cli.define_flags(definitions)
+    return cli.define_flags(definitions, module_name=cli.calling_module())
 
 
 def from_flags(recipe: str, holders: dict) -> RunConfig:

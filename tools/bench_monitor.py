@@ -71,13 +71,13 @@ def benchmark(*, steps: int = 200, batch_size: int = 64, units: int = 64, layers
     import numpy as np
 
     import tfmp
+    from tfmp import _checks
 
     for name, value in (("steps", steps), ("batch_size", batch_size), ("units", units),
                         ("layers", layers), ("repeats", repeats),
                         ("steps_per_execution", steps_per_execution)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise tfmp.cli.UsageError(
-                f"`{name}` must be an integer >= 1. Received: {name}={value!r}")
+        with tfmp.cli.usage_errors():
+            _checks.integer(name, value)
     if steps % steps_per_execution:
         raise tfmp.cli.UsageError(
             "`steps` must be a multiple of `steps_per_execution` (Keras runs whole "

@@ -52,12 +52,12 @@ def benchmark(*, layers: int = 40, units: int = 64, batch_size: int = 64, steps:
     import numpy as np
 
     import tfmp
+    from tfmp import _checks
 
     for name, value in (("layers", layers), ("units", units), ("batch_size", batch_size),
                         ("steps", steps), ("repeats", repeats)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise tfmp.cli.UsageError(
-                f"`{name}` must be an integer >= 1. Received: {name}={value!r}")
+        with tfmp.cli.usage_errors():
+            _checks.integer(name, value)
 
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(batch_size, units)).astype("float32")
