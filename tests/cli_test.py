@@ -155,8 +155,7 @@ class OutputPathTest(TestCase):
             self.assertEqual(cli.check_output_file(path, argument="json"), path)
 
 
-# Every recipe and tool parses its flags through tfmp.cli.run (tools.audit and
-# tools.export_savedmodel still use absl.app.run).
+# Every recipe and tool parses its flags through tfmp.cli.run.
 _PROGRAMS = ("recipes.image_classification", "recipes.text_classification",
              "tools.inspect_policy", "tools.benchmark", "tools.bench_optimizer",
              "tools.launch_local", "tools.audit", "tools.export_savedmodel",
