@@ -159,7 +159,7 @@ class OutputPathTest(TestCase):
 _PROGRAMS = ("recipes.image_classification", "recipes.text_classification",
              "tools.inspect_policy", "tools.benchmark", "tools.bench_optimizer",
              "tools.launch_local", "tools.audit", "tools.export_savedmodel",
-             "tools.bench_monitor")
+             "tools.bench_monitor", "tools.export_tflite")
 
 
 class CommandLineTest(TestCase):

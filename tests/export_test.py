@@ -157,10 +157,13 @@ class ExportTest(TestCase):
         self.assertEqual(len(reloaded.variables), len(model.variables))
         self.assertAllClose(reloaded.serve(x), keras.ops.cast(model(x), "float32"), **_F16_TOL)
 
-    def test_loads_in_a_fresh_process_with_tensorflow_alone(self):
+    @parameterized.named_parameters(("float32_weights", "float32"),
+                                    ("float16_weights", "float16"))
+    def test_loads_in_a_fresh_process_with_tensorflow_alone(self, weights_dtype):
         model = _two_in_two_out()
         tmp = self._tmp()
-        path = export.export_saved_model(model, os.path.join(tmp, "m"))
+        path = export.export_saved_model(model, os.path.join(tmp, "m"),
+                                         weights_dtype=weights_dtype)
         x = _two_in_inputs()
         np.savez(os.path.join(tmp, "in.npz"), **x)
         snippet = textwrap.dedent("""
@@ -182,6 +185,57 @@ class ExportTest(TestCase):
         for name, want in zip(("score", "probs"), model(x), strict=True):
             self.assertEqual(out[name].dtype, np.float32)
             self.assertAllClose(out[name], keras.ops.cast(want, "float32"), **_F16_TOL)
+
+    # --------------------------------------------------------- float16 weights
+    def _stored_dtypes(self, path):
+        reader = tf.train.load_checkpoint(os.path.join(path, "variables", "variables"))
+        return {name: dtype.name for name, dtype in reader.get_variable_to_dtype_map().items()
+                if dtype != tf.string}  # not the object graph
+
+    def _variables_bytes(self, path):
+        directory = os.path.join(path, "variables")
+        return sum(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory))
+
+    def _bn_model(self, policy):
+        with tfmp.policy_scope(policy):
+            model = keras.Sequential([
+                keras.Input((64,), name="x"), keras.layers.Dense(256, activation="relu"),
+                keras.layers.BatchNormalization(), keras.layers.LayerNormalization(),
+                tfmp.layers.OutputHead(3)])
+        model.layers[1].moving_variance.assign(np.full(256, 1e-9, "float32"))  # < float16's
+        return model
+
+    @parameterized.named_parameters(("mixed_float16", "mixed_float16"), ("float32", "float32"))
+    def test_float16_weights_halve_the_variables_and_serve_float32(self, policy):
+        model = self._bn_model(policy)
+        x = np.random.default_rng(0).normal(size=(8, 64)).astype("float32")
+        full = export.export_saved_model(model, os.path.join(self._tmp(), "f32"))
+        half = export.export_saved_model(model, os.path.join(self._tmp(), "f16"),
+                                         weights_dtype="float16")
+        self.assertLess(self._variables_bytes(half), 0.6 * self._variables_bytes(full))
+        # Only the stored copies are saved (not the model's float32 variables too):
+        # trainable ones in float16, the non-trainable batch-norm statistics in float32
+        # (a variance of 1e-9 is 0 in float16).
+        dtypes = sorted(self._stored_dtypes(half).values())
+        self.assertEqual(dtypes, ["float16"] * len(model.trainable_variables)
+                         + ["float32"] * len(model.non_trainable_variables))
+        self.assertEqual(export.serving_signature(half), export.serving_signature(full))
+        served = {name: tf.saved_model.load(path).signatures["serving_default"](
+            x=tf.constant(x))["output_0"].numpy() for name, path in (("full", full),
+                                                                      ("half", half))}
+        self.assertEqual(served["half"].dtype, np.float32)
+        difference = np.abs(served["half"] - served["full"]).max()
+        if policy == "mixed_float16":  # every layer already reads its weights as float16
+            self.assertEqual(difference, 0.0)
+        else:  # float32 layers now read float16-rounded weights
+            self.assertGreater(difference, 0.0)
+            self.assertLess(difference, 2e-3)
+
+    def test_bad_weights_dtype(self):
+        with self.assertRaisesRegex(ValueError, r"^Unknown `weights_dtype`: 'int8'. Expected "
+                                    r"one of: float32, float16.$"):
+            export.export_saved_model(_dense_model(), os.path.join(self._tmp(), "m"),
+                                      weights_dtype="int8")
 
     # ------------------------------------------------------------- TFSMLayer
     def test_stock_tfsm_layer_fails_under_mixed_policy_load_serving_layer_works(self):
@@ -373,7 +427,8 @@ class ExportTest(TestCase):
         _two_in_two_out().save(model_path)
         target = os.path.join(tmp, "served")
         proc = _run(["-m", "tools.export_savedmodel", f"--model={model_path}",
-                     f"--export_dir={target}", "--serving_dtype=float32"])
+                     f"--export_dir={target}", "--serving_dtype=float32",
+                     "--weights_dtype=float16"])
         self.assertEqual(proc.returncode, 0, proc.stderr[-2000:])
         self.assertIn(f"SavedModel written to {target}", proc.stdout)
         self.assertIn("inputs: a: float32[None, 3], b: float32[None, 2]", proc.stdout)

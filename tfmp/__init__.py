@@ -33,6 +33,8 @@ _LAZY = {
     "distribute": ("tfmp.distribute", None),
     "export": ("tfmp.export", None),
     "training": ("tfmp.training", None),
+    "tflite": ("tfmp.tflite", None),
+    "export_tflite": ("tfmp.tflite", "export_tflite"),
     "export_saved_model": ("tfmp.export", "export_saved_model"),
     "load_serving_layer": ("tfmp.export", "load_serving_layer"),
 }
@@ -67,6 +69,7 @@ __all__ = [
     "distribute",
     "export",
     "export_saved_model",
+    "export_tflite",
     "layers",
     "load_serving_layer",
     "losses",
@@ -78,6 +81,7 @@ __all__ = [
     "resolve_policy",
     "set_global_policy",
     "summary",
+    "tflite",
     "training",
 ]
 if not _tf.available():  # `from tfmp import *` then leaves out what needs TensorFlow.

@@ -230,6 +230,22 @@ def write_text_atomically(path: str | os.PathLike, text: str) -> str:
     return path
 
 
+def write_bytes_atomically(path: str | os.PathLike, data: bytes) -> str:
+    """Writes `data` to `path` atomically and durably (a file never half-written).
+
+    Args:
+        path: The file to write.
+        data: Its content.
+
+    Returns:
+        The absolute path written.
+    """
+    path = os.path.abspath(os.fspath(path))
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+    return path
+
+
 def write_json_atomically(path: str | os.PathLike, obj: Any, *, indent: int | None = 2) -> str:
     """Serialises `obj` as strict JSON, then writes it to `path` atomically.
 

@@ -45,15 +45,14 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
 
 import keras
 
 from tfmp import _io, _tf
+from tfmp.serving import SIGNATURE, load_serving_layer, serving_signature  # noqa: F401
 
 SERVING_DTYPES = ("float32", "float16", "bfloat16")
 ENDPOINT = "serve"
-SIGNATURE = "serving_default"
 _SAVED_MODEL_FILES = ("saved_model.pb", "saved_model.pbtxt")
 # What a SavedModel directory holds: files, directories, and what `variables/` holds.
 _SAVED_MODEL_ENTRIES = {"saved_model.pb": False, "saved_model.pbtxt": False,
@@ -148,9 +147,14 @@ def _output_names(model: keras.Model, count: int) -> list[str]:
     return [f"output_{i}" for i in range(count)]
 
 
-def _serving_fn(model: keras.Model, structure, serving_dtype: str) -> Callable:
-    """The function the SavedModel serves: cast in, call, cast out, name outputs."""
+def _serving_fn(model: keras.Model, structure, serving_dtype: str,
+                call: Callable | None = None) -> Callable:
+    """The function the SavedModel serves: cast in, call, cast out, name outputs.
+
+    `call(inputs)` runs the model (default: `model(inputs, training=False)`).
+    """
     tf = _tensorflow()
+    call = call or (lambda inputs: model(inputs, training=False))
     model_dtypes = tf.nest.map_structure(lambda x: keras.backend.standardize_dtype(x.dtype),
                                          structure)
 
@@ -159,7 +163,7 @@ def _serving_fn(model: keras.Model, structure, serving_dtype: str) -> Callable:
 
     def serve(inputs):
         inputs = tf.nest.map_structure(lambda x, dt: tf.cast(x, dt), inputs, model_dtypes)
-        outputs = model(inputs, training=False)
+        outputs = call(inputs)
         if isinstance(outputs, Mapping):
             return {key: cast_out(y) for key, y in outputs.items()}
         flat = tf.nest.flatten(outputs)
@@ -168,6 +172,48 @@ def _serving_fn(model: keras.Model, structure, serving_dtype: str) -> Callable:
         return dict(zip(_output_names(model, len(flat)), map(cast_out, flat), strict=True))
 
     return serve
+
+
+WEIGHTS_DTYPES = ("float32", "float16")
+
+
+class _StoredWeights:
+    """The model's variables as the export stores them: trainable floats as `weights_dtype`.
+
+    The serving function calls `model.stateless_call` with these values cast back to
+    each variable's own dtype, so the SavedModel holds only these `tf.Variable`s
+    (float16 kernels: half the bytes) and the model computes as it was trained.
+    Non-trainable state (batch-norm statistics, counters) keeps its dtype.
+    """
+
+    def __init__(self, model: keras.Model, weights_dtype: str):
+        tf = _tensorflow()
+        self.model = model
+
+        def stored(v, cast: bool):
+            value = v.value
+            if cast and _is_float(v.dtype):
+                value = tf.cast(value, weights_dtype)
+            return tf.Variable(value, trainable=False, name=v.path.replace("/", "_"))
+
+        self.trainable = [stored(v, True) for v in model.trainable_variables]
+        self.non_trainable = [stored(v, False) for v in model.non_trainable_variables]
+
+    def call(self, inputs):
+        tf = _tensorflow()
+        trainable = [tf.cast(s, v.dtype) for s, v in
+                     zip(self.trainable, self.model.trainable_variables, strict=True)]
+        outputs, _ = self.model.stateless_call(trainable, list(self.non_trainable), inputs,
+                                               training=False)
+        return outputs
+
+
+def validate_weights_dtype(weights_dtype: str) -> str:
+    """Returns `weights_dtype` if it is one of `WEIGHTS_DTYPES`, else raises `ValueError`."""
+    if weights_dtype not in WEIGHTS_DTYPES:
+        raise ValueError(f"Unknown `weights_dtype`: {weights_dtype!r}. Expected one of: "
+                         f"{', '.join(WEIGHTS_DTYPES)}.")
+    return weights_dtype
 
 
 def check_export_dir(export_dir: str | os.PathLike) -> str:
@@ -234,6 +280,7 @@ def export_saved_model(
     export_dir: str | os.PathLike,
     *,
     serving_dtype: str = "float32",
+    weights_dtype: str = "float32",
 ) -> str:
     """Writes `model` as a SavedModel that serves `serving_dtype` in and out.
 
@@ -250,6 +297,11 @@ def export_saved_model(
             the new one is complete.
         serving_dtype: Dtype of the signature's floating inputs and outputs: one of
             `"float32"`, `"float16"`, `"bfloat16"`.
+        weights_dtype: `"float32"` (the model's variables as they are) or
+            `"float16"`: the trainable floating variables are stored in float16
+            (about half the size) and cast back to their own dtype when served, so
+            each layer computes in its trained dtype from float16-rounded weights.
+            Non-trainable state (batch-norm statistics) is stored as it is.
 
     Returns:
         The absolute path of the written SavedModel.
@@ -261,14 +313,23 @@ def export_saved_model(
         out = reloaded.serve(tf.ones((2, 4)))   # float32
     """
     validate_serving_dtype(serving_dtype)
+    validate_weights_dtype(weights_dtype)
     structure = _input_structure(model)
     export_dir = check_export_dir(export_dir)
 
     archive = keras.export.ExportArchive()
-    archive.track(model)
+    if weights_dtype == "float32":
+        archive.track(model)
+        call = None
+    else:
+        stored = _StoredWeights(model, weights_dtype)
+        holder = _tensorflow().Module()  # the stored variables are saved, not the model's
+        holder.stored = stored.trainable + stored.non_trainable
+        archive.track(holder)
+        call = stored.call
     serve = archive.add_endpoint(
         ENDPOINT,
-        _serving_fn(model, structure, serving_dtype),
+        _serving_fn(model, structure, serving_dtype, call),
         input_signature=[_input_signature(structure, serving_dtype)],
     )
     # The same traced function under the signature's name, so that it is also an
@@ -278,99 +339,3 @@ def export_saved_model(
     with _io.atomic_path(export_dir) as tmp_dir:
         archive.write_out(tmp_dir, verbose=False)
     return export_dir
-
-
-def serving_signature(export_dir: str | os.PathLike, signature: str = SIGNATURE) -> dict:
-    """Reads a signature's inputs and outputs from `saved_model.pb`, without loading it.
-
-    Args:
-        export_dir: A SavedModel directory.
-        signature: The signature key.
-
-    Returns:
-        `{"inputs": {name: (dtype, shape)}, "outputs": {name: (dtype, shape)}}`,
-        dtypes as strings and shapes as tuples with `None` for unknown dimensions
-        (the shape is `None` for unknown rank).
-
-    Example:
-
-        serving_signature("/tmp/serving/1")["outputs"]
-        # {'output_0': ('float32', (None, 2))}
-    """
-    tf = _tensorflow()
-    from tensorflow.core.protobuf import saved_model_pb2
-
-    path = os.path.join(os.fspath(export_dir), "saved_model.pb")
-    if not os.path.isfile(path):
-        raise ValueError(
-            f"`export_dir` holds no saved_model.pb. Received: export_dir={export_dir!r}"
-        )
-    proto = saved_model_pb2.SavedModel()
-    with open(path, "rb") as f:
-        proto.ParseFromString(f.read())
-    signatures = proto.meta_graphs[0].signature_def
-    if signature not in signatures:
-        raise ValueError(
-            f"Unknown `signature`: {signature!r}. Expected one of: "
-            f"{', '.join(sorted(signatures))}."
-        )
-
-    def describe(infos) -> dict[str, tuple[str, Any]]:
-        out = {}
-        for name in sorted(infos):
-            info = infos[name]
-            shape = None if info.tensor_shape.unknown_rank else tuple(
-                None if d.size < 0 else d.size for d in info.tensor_shape.dim
-            )
-            out[name] = (tf.dtypes.as_dtype(info.dtype).name, shape)
-        return out
-
-    sig = signatures[signature]
-    return {"inputs": describe(sig.inputs), "outputs": describe(sig.outputs)}
-
-
-def load_serving_layer(
-    export_dir: str | os.PathLike,
-    *,
-    call_endpoint: str = SIGNATURE,
-    dtype: str | None = None,
-    **kwargs,
-) -> keras.layers.TFSMLayer:
-    """Loads a SavedModel as a `keras.layers.TFSMLayer` that works under any global policy.
-
-    In Keras 3.15 a plain `keras.layers.TFSMLayer` built under a mixed global
-    policy casts its float32 inputs to float16 (or bfloat16) before calling the
-    SavedModel, which then rejects them: `TypeError: Binding inputs to tf.function
-    failed due to Can not cast TensorSpec(... dtype=tf.float16 ...) to
-    TensorSpec(... dtype=tf.float32 ...)` (for Keras' own `model.export()`
-    artifacts called through `serving_default`: `InvalidArgumentError: ... expected
-    to be a float tensor but is a half tensor`). This passes the endpoint's own
-    input dtype (the export's `serving_dtype`) as the layer's `dtype`, so inputs
-    reach the SavedModel as it expects. The outputs are what the SavedModel
-    returns (float32 for a default `export_saved_model`).
-
-    Args:
-        export_dir: A SavedModel directory, e.g. written by `export_saved_model`.
-        call_endpoint: The endpoint or signature to call.
-        dtype: The layer's dtype; by default the first floating input dtype of the
-            `call_endpoint` signature (float32 if it has none).
-        **kwargs: Passed on to `keras.layers.TFSMLayer` (`name`, `trainable`, ...).
-
-    Returns:
-        The `keras.layers.TFSMLayer`.
-
-    Example:
-
-        tfmp.set_global_policy("mixed_float16")
-        layer = tfmp.export.load_serving_layer("/tmp/serving/1")
-        layer(np.ones((2, 4), "float32"))   # float32 in, float32 out
-    """
-    if dtype is None:
-        dtype = "float32"
-        for input_dtype, _ in serving_signature(export_dir, call_endpoint)["inputs"].values():
-            if _is_float(input_dtype):
-                dtype = input_dtype
-                break
-    return keras.layers.TFSMLayer(
-        os.fspath(export_dir), call_endpoint=call_endpoint, dtype=dtype, **kwargs
-    )

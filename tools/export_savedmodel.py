@@ -1,7 +1,7 @@
 """Exports a `.keras` model as a SavedModel that serves float32 (TensorFlow only).
 
 python -m tools.export_savedmodel --model=model.keras --export_dir=/tmp/serving/1 \\
-    [--serving_dtype=float32]
+    [--serving_dtype=float32] [--weights_dtype=float16]
 
 The model is loaded with `safe_mode=True` (no Lambda code, no pickles) and without
 its optimizer. An `--export_dir` that `tfmp.export.check_export_dir` refuses (a
@@ -27,6 +27,8 @@ _FLAG_TABLE = {
     "export_dir": (str, None, "SavedModel directory to write."),
     "serving_dtype": (str, "float32", "Dtype of the served inputs and outputs: float32, "
                       "float16 or bfloat16."),
+    "weights_dtype": (str, "float32", "Dtype of the stored trainable weights: float32 or "
+                      "float16 (about half the size)."),
 }
 
 
@@ -37,7 +39,8 @@ def _format(tensors: dict) -> str:
     )
 
 
-def export_savedmodel(model_path: str, export_dir: str, serving_dtype: str = "float32") -> str:
+def export_savedmodel(model_path: str, export_dir: str, serving_dtype: str = "float32",
+                      weights_dtype: str = "float32") -> str:
     """Loads `model_path` safely, exports it, and describes the serving signature.
 
     Args:
@@ -45,6 +48,7 @@ def export_savedmodel(model_path: str, export_dir: str, serving_dtype: str = "fl
         export_dir: SavedModel directory to write (replaced atomically if it holds
             a previous SavedModel and nothing else).
         serving_dtype: One of `"float32"`, `"float16"`, `"bfloat16"`.
+        weights_dtype: `"float32"` or `"float16"` (see `tfmp.export.export_saved_model`).
 
     Returns:
         A few lines: where the SavedModel is, its signature inputs and outputs.
@@ -53,14 +57,20 @@ def export_savedmodel(model_path: str, export_dir: str, serving_dtype: str = "fl
 
         print(export_savedmodel("model.keras", "/tmp/serving/1"))
     """
-    tfmp.export.validate_serving_dtype(serving_dtype)
-    tfmp.export.check_export_dir(export_dir)  # Refused before the model is loaded.
+    _check(serving_dtype, weights_dtype, export_dir)  # Refused before the model is loaded.
     return _export(tfmp.cli.load_keras_file(model_path, argument="--model"), export_dir,
-                   serving_dtype)
+                   serving_dtype, weights_dtype)
 
 
-def _export(model, export_dir: str, serving_dtype: str) -> str:
-    path = tfmp.export.export_saved_model(model, export_dir, serving_dtype=serving_dtype)
+def _check(serving_dtype: str, weights_dtype: str, export_dir: str) -> None:
+    tfmp.export.validate_serving_dtype(serving_dtype)
+    tfmp.export.validate_weights_dtype(weights_dtype)
+    tfmp.export.check_export_dir(export_dir)
+
+
+def _export(model, export_dir: str, serving_dtype: str, weights_dtype: str) -> str:
+    path = tfmp.export.export_saved_model(model, export_dir, serving_dtype=serving_dtype,
+                                          weights_dtype=weights_dtype)
     sig = tfmp.export.serving_signature(path)
     return (
         f"SavedModel written to {path}\n"
@@ -80,10 +90,9 @@ def main(argv):
         raise tfmp.cli.UsageError(
             "`--export_dir` is required: the SavedModel directory to write.")
     with tfmp.cli.usage_errors():  # the export_dir first, then the model file
-        tfmp.export.validate_serving_dtype(values["serving_dtype"])
-        tfmp.export.check_export_dir(values["export_dir"])
+        _check(values["serving_dtype"], values["weights_dtype"], values["export_dir"])
         model = tfmp.cli.load_keras_file(values["model"], argument="--model")
-    print(_export(model, values["export_dir"], values["serving_dtype"]))
+    print(_export(model, values["export_dir"], values["serving_dtype"], values["weights_dtype"]))
 
 
 if __name__ == "__main__":
