@@ -26,6 +26,7 @@ from tfmp.audit import AuditReport, audit_model
 from tfmp.convert import DEFAULT_FLOAT32_LAYERS, apply_policy, summary
 from tfmp.optimizers import LossScaleOptimizer
 from tfmp.policies import POLICIES, policy_scope, resolve_policy, set_global_policy
+from tfmp.precision_guard import PrecisionGuard
 
 # TensorFlow only: name -> (module, attribute or None for the module itself).
 _LAZY = {
@@ -59,6 +60,7 @@ __all__ = [
     "DEFAULT_FLOAT32_LAYERS",
     "POLICIES",
     "LossScaleOptimizer",
+    "PrecisionGuard",
     "apply_policy",
     "audit",
     "audit_model",
@@ -78,6 +80,7 @@ __all__ = [
     "optimizer_config",
     "policies",
     "policy_scope",
+    "precision_guard",
     "resolve_policy",
     "set_global_policy",
     "summary",
