@@ -43,7 +43,7 @@ def _resolve_arguments(model, x, y, *, loss, policy: str | None, loss_scale: flo
 
 
 def _check_model(model) -> None:
-    if not isinstance(model, (keras.Sequential, convert.Functional)):
+    if not convert._is_graph_model(model):
         raise ValueError(
             "`model` must be a built keras.Sequential or Functional model. Received: "
             f"model={model!r} of type {type(model).__name__}")

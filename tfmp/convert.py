@@ -73,57 +73,17 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
 
 import keras
 from keras import tree
 
-# Keras 3 has no public name for the Functional model class; `keras.Model(inputs,
-# outputs)` returns an instance of it.
-from keras.src.models.functional import Functional
-
 from tfmp import layers as tfmp_layers
-from tfmp import policies
+from tfmp import placement, policies
+from tfmp.dtype_summary import summary  # noqa: F401 (re-exported: tfmp.convert.summary)
 
-# Activations computed in float32 (see the module docstring).
-_FLOAT32_ACTIVATIONS = frozenset({"softmax", "log_softmax", "exponential"})
-
-
-def has_float32_activation(layer: keras.layers.Layer) -> bool:
-    """Whether `layer`'s `activation` is softmax, log_softmax or exponential.
-
-    Covers `Activation` layers and every layer with an `activation` argument
-    (`Dense`, `Conv2D`, ...).
-
-    Args:
-        layer: A Keras layer.
-
-    Returns:
-        True if the layer's activation is one of those kept in float32.
-
-    Example:
-
-        >>> has_float32_activation(keras.layers.Dense(4, activation="softmax"))
-        True
-    """
-    activation = getattr(layer, "activation", None)
-    if activation is None:
-        return False
-    name = activation if isinstance(activation, str) else getattr(activation, "__name__", "")
-    return name in _FLOAT32_ACTIVATIONS
-
-
-DEFAULT_FLOAT32_LAYERS: tuple = (
-    keras.layers.Softmax,
-    keras.layers.BatchNormalization,
-    keras.layers.LayerNormalization,
-    keras.layers.GroupNormalization,
-    keras.layers.RMSNormalization,
-    keras.layers.UnitNormalization,
-    keras.layers.Normalization,
-    keras.layers.SpectralNormalization,
-    has_float32_activation,
-)
+# The rules live in tfmp.placement (which also places float32 inside composite layers).
+DEFAULT_FLOAT32_LAYERS = placement.DEFAULT_FLOAT32_LAYERS
+has_float32_activation = placement.has_float32_activation
 
 _FLOAT32 = "float32"
 
@@ -164,8 +124,7 @@ def _check_float32_names(float32_names) -> tuple[str, ...]:
     return patterns
 
 
-def _is_graph_model(layer) -> bool:
-    return isinstance(layer, (keras.Sequential, Functional))
+_is_graph_model = placement.is_graph_model
 
 
 def _check_cloneable(model, where: str) -> None:
@@ -208,8 +167,10 @@ def _set_dtype(config: dict, dtype_config: dict) -> None:
 class _Converter:
     """The state of one `apply_policy` call: rules in, (old, new) layer pairs out."""
 
-    def __init__(self, policy: str, float32_layers: tuple, float32_names: tuple[str, ...]):
+    def __init__(self, policy: str, float32_layers: tuple, float32_names: tuple[str, ...],
+                 by_behaviour: bool = True):
         self.policy = policy
+        self.by_behaviour = by_behaviour
         self.classes = tuple(e for e in float32_layers if isinstance(e, type))
         self.predicates = tuple(e for e in float32_layers if not isinstance(e, type))
         self.patterns = float32_names
@@ -220,7 +181,8 @@ class _Converter:
         hits = [p for p in self.patterns if fnmatch.fnmatchcase(layer.name, p)]
         self.matched.update(hits)
         return bool(hits) or isinstance(layer, self.classes) or any(
-            p(layer) for p in self.predicates)
+            p(layer) for p in self.predicates) or (
+            self.by_behaviour and placement.behaviour(layer) is not None)
 
     def convert(self, model, *, all_float32: bool, outputs_float32: bool):
         outputs = {id(layer) for layer in _output_layers(model)} if outputs_float32 else set()
@@ -247,6 +209,20 @@ class _Converter:
 
     @staticmethod
     def rebuild(layer, policy_name: str):
+        try:
+            return _Converter._rebuild(layer, policy_name)
+        except ValueError:
+            raise
+        except Exception as e:  # e.g. keras-hub 0.32's Llama and ViT layers
+            cls = type(layer)
+            raise ValueError(
+                f"Layer {layer.name!r} ({cls.__module__}.{cls.__name__}) cannot be rebuilt "
+                f"from its get_config() ({type(e).__name__}: {' '.join(str(e).split())[:300]}), "
+                "so apply_policy() cannot copy the model. Build the model from its "
+                "constructor with `dtype=tfmp.placement.policy_map(model)` instead.") from None
+
+    @staticmethod
+    def _rebuild(layer, policy_name: str):
         config = layer.get_config()
         if "dtype" not in config:
             raise ValueError(
@@ -274,6 +250,9 @@ def apply_policy(
     *,
     float32_layers: Sequence[type | Callable[[keras.layers.Layer], bool]] = DEFAULT_FLOAT32_LAYERS,
     float32_names: Sequence[str] = (),
+    float32_paths: Sequence[str] = (),
+    nested: bool = True,
+    by_behaviour: bool | None = None,
 ) -> keras.Model:
     """Returns a copy of `model` with `policy` on every layer but the fragile ones.
 
@@ -283,6 +262,13 @@ def apply_policy(
     model's outputs. Every other floating-point layer gets `policy`. Nested
     Sequential/Functional models are converted layer by layer; a nested model
     that is itself listed gets `"float32"` on all its layers.
+
+    With `nested` (the default), layers inside composite layers (a Transformer
+    block's normalisations, keras-hub's `RMSNormalization`) are placed too, in
+    the copy, by the same rules and by what they do (`tfmp.placement`): they
+    compute in float32 and return the enclosing layer's dtype. Their placement
+    is not saved where the enclosing layer rebuilds them from its own config
+    (keras-hub blocks): build such models with `dtype=tfmp.placement.policy_map(...)`.
 
     Weights (trainable and not) are copied exactly: variables are float32 under
     every mixed policy. Shared layers stay shared. The copy's own policy is
@@ -303,11 +289,17 @@ def apply_policy(
         float32_layers: Layer classes (matched with `isinstance`) and predicates
             `fn(layer) -> bool` that select layers to keep in float32. Defaults
             to `DEFAULT_FLOAT32_LAYERS`; extend it with
-            `DEFAULT_FLOAT32_LAYERS + (MyLayer,)`, or pass `()` to keep only the
-            outputs float32.
+            `DEFAULT_FLOAT32_LAYERS + (MyLayer,)`.
         float32_names: Shell-style `fnmatch` patterns (case-sensitive, matched
             against the whole layer name, e.g. `"block_16_*"`); every pattern
-            must match at least one layer.
+            must match at least one layer (at any depth with `nested`).
+        float32_paths: `fnmatch` patterns matched against nested layers' paths
+            (`"transformer_layer_0/*"`); only with `nested`.
+        nested: Also place float32 inside composite layers (`tfmp.placement`).
+        by_behaviour: Also keep float32 the layers that normalise or take a
+            softmax by what they do, whatever their class (`placement.behaviour`).
+            Default (None): only with the default `float32_layers`, so that a
+            list of your own (`()`: only the outputs float32) is the whole rule.
 
     Returns:
         A new model with the same inputs, outputs and weights.
@@ -339,8 +331,20 @@ def apply_policy(
             "first (start a Sequential with `keras.Input(shape)`, or call it on data)."
         )
     converter = _Converter(
-        policy, _check_float32_layers(float32_layers), _check_float32_names(float32_names))
+        policy, _check_float32_layers(float32_layers), _check_float32_names(float32_names),
+        by_behaviour=(float32_layers is DEFAULT_FLOAT32_LAYERS if by_behaviour is None
+                      else bool(by_behaviour)))
     new = converter.convert(model, all_float32=False, outputs_float32=True)
+    for old, clone in converter.pairs:
+        if old.weights:
+            clone.set_weights(old.get_weights())
+    if nested:
+        rules = placement.Float32Rules(layers=converter.classes + converter.predicates,
+                                       names=converter.patterns, paths=tuple(float32_paths),
+                                       by_behaviour=converter.by_behaviour)
+        placement.place_nested(new, rules)
+        converter.matched.update(p for p in converter.patterns for layer, _ in placement.walk(
+            new) if fnmatch.fnmatchcase(layer.name, p))
     unmatched = [p for p in converter.patterns if p not in converter.matched]
     if unmatched:
         names = [layer.name for layer, _ in converter.pairs]
@@ -350,9 +354,6 @@ def apply_policy(
             f"name, case-sensitive). Received: float32_names={list(converter.patterns)}. "
             f"Layer names: {shown}"
         )
-    for old, clone in converter.pairs:
-        if old.weights:
-            clone.set_weights(old.get_weights())
     if model.compiled:  # Again, now that the copy's own policy is set.
         _compile_like(new, model, policy)
     return new
@@ -378,129 +379,3 @@ def _compile_like(new: keras.Model, model: keras.Model, policy: str) -> None:
     new.compile_from_config(config)
     new.optimizer.guard_state(new)
 
-
-# ------------------------------------------------------------------- summary
-
-# Tensor cores run float16/bfloat16 matmuls and convolutions at full speed
-# only when these dimensions are multiples of 8.
-_TENSOR_CORE_MULTIPLE = 8
-
-
-def _dims(layer) -> dict[str, int]:
-    """The tensor-core-relevant dimensions of a layer (empty for most layers)."""
-    dims: dict[str, int] = {}
-    if isinstance(layer, keras.layers.MultiHeadAttention):
-        heads = layer.num_heads
-        dims["num_heads*key_dim"] = heads * layer.key_dim
-        dims["num_heads*value_dim"] = heads * (layer.value_dim or layer.key_dim)
-        return dims
-    if isinstance(layer, keras.layers.Embedding):
-        dims["input_dim"] = layer.input_dim
-        dims["output_dim"] = layer.output_dim
-        return dims
-    if isinstance(layer, (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D)):
-        kernel = getattr(layer, "kernel", None)
-        if kernel is not None:
-            dims["channels"] = int(kernel.shape[-2]) * int(kernel.shape[-1])
-        return dims
-    for attr in ("units", "filters"):
-        value = getattr(layer, attr, None)
-        if isinstance(value, int):
-            dims[attr] = value
-    return dims
-
-
-def _output_dtype(layer) -> str | None:
-    try:
-        outputs = tree.flatten(layer.output)
-    except (AttributeError, ValueError, RuntimeError):
-        return None  # Never called (e.g. an unbuilt Sequential).
-    dtypes = []
-    for t in outputs:
-        dtype = keras.backend.standardize_dtype(t.dtype) if hasattr(t, "dtype") else None
-        if dtype and dtype not in dtypes:
-            dtypes.append(dtype)
-    return ",".join(dtypes) or None
-
-
-def _rows(model, prefix: str) -> list[dict[str, Any]]:
-    rows = []
-    for layer in model.layers:
-        name = prefix + layer.name
-        dims = _dims(layer)
-        rows.append({
-            "name": name,
-            "type": type(layer).__name__,
-            "policy": layer.dtype_policy.name,
-            "compute_dtype": layer.compute_dtype,
-            "variable_dtype": layer.variable_dtype,
-            "output_dtype": _output_dtype(layer),
-            "dims": dims,
-            "not_multiple_of_8": sorted(
-                k for k, v in dims.items() if v % _TENSOR_CORE_MULTIPLE),
-        })
-        if _is_graph_model(layer):
-            rows.extend(_rows(layer, name + "/"))
-    return rows
-
-
-_COLUMNS = (
-    ("name", "Layer"), ("type", "Type"), ("policy", "Policy"), ("compute_dtype", "Compute"),
-    ("variable_dtype", "Variables"), ("output_dtype", "Output"), ("mark", "Not x8"),
-)
-
-
-def summary(model: keras.Model, *, print_fn: Callable[[str], Any] = print) -> list[dict[str, Any]]:
-    """Prints each layer's dtype policy and flags dimensions that are not multiples of 8.
-
-    One row a layer (the layers of nested models follow their model, named
-    `outer/inner`): name, type, policy, compute dtype, variable dtype, output
-    dtype (of the layer's first call; None if never called) and, under
-    "Not x8", the units/filters/channels/embedding/attention dimensions that are
-    not multiples of 8 (float16 tensor cores need multiples of 8). The mark is
-    given whatever the layer's policy, so a float32 model can be checked before
-    conversion.
-
-    Args:
-        model: A Keras model (any kind; subclassed models list their top-level layers).
-        print_fn: Called with each line of the table.
-
-    Returns:
-        The rows as JSON-ready dicts with keys `name`, `type`, `policy`,
-        `compute_dtype`, `variable_dtype`, `output_dtype`, `dims` (dimension name
-        to value) and `not_multiple_of_8` (names of the offending dimensions).
-
-    Example:
-
-        rows = summary(keras.Sequential([keras.Input((4,)), keras.layers.Dense(10)]))
-        # prints the table; rows[0]["not_multiple_of_8"] == ["units"]
-        json.dumps(rows)   # JSON-ready
-    """
-    if not isinstance(model, keras.Model):
-        raise ValueError(
-            f"`model` must be a keras.Model. Received: model={model!r} of type "
-            f"{type(model).__name__}"
-        )
-    rows = _rows(model, "")
-    table = [
-        {**row, "output_dtype": row["output_dtype"] or "?",
-         "mark": " ".join(f"{k}={row['dims'][k]}" for k in row["not_multiple_of_8"])}
-        for row in rows
-    ]
-    widths = [max([len(title)] + [len(str(r[key])) for r in table]) for key, title in _COLUMNS]
-
-    def line(values):
-        return "  ".join(str(v).ljust(w) for v, w in zip(values, widths, strict=True)).rstrip()
-
-    print_fn(f'Model: "{model.name}"')
-    print_fn(line(title for _, title in _COLUMNS))
-    print_fn("-" * len(line(title for _, title in _COLUMNS)))
-    for r in table:
-        print_fn(line(r[key] for key, _ in _COLUMNS))
-    counts: dict[str, int] = {}
-    for row in rows:
-        counts[row["policy"]] = counts.get(row["policy"], 0) + 1
-    by_policy = ", ".join(f"{n} {name}" for name, n in sorted(counts.items()))
-    marked = sum(bool(row["not_multiple_of_8"]) for row in rows)
-    print_fn(f"{len(rows)} layers: {by_policy}; {marked} with dimensions not multiples of 8.")
-    return rows
