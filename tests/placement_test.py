@@ -254,3 +254,35 @@ class KerasHubTest(TestCase):
         self.assertTrue(np.isfinite(history.history["loss"]).all())
         self.assertTrue(all(np.isfinite(keras.ops.convert_to_numpy(w)).all()
                             for w in trainer.weights))
+
+    def test_gpt2_built_from_a_policy_map_saves_and_reloads_it(self):
+        import keras_hub
+
+        with tfmp.policy_scope("float32"):
+            probe = keras_hub.models.GPT2Backbone(**_TINY)
+        policy_map = placement.policy_map(probe, "mixed_float16")
+        keras.backend.clear_session()  # the same paths again
+        model = keras_hub.models.GPT2Backbone(**_TINY, dtype=policy_map)
+        norms = {layer.path: layer.compute_dtype for layer, _ in placement.walk(model)
+                 if isinstance(layer, keras.layers.LayerNormalization)}
+        self.assertEqual(len(norms), 5)
+        self.assertEqual(set(norms.values()), {"float32"})
+        path = os.path.join(self.tmp_dir(), "gpt2.keras")
+        model.save(path)
+        reloaded = keras.saving.load_model(path)
+        self.assertEqual({layer.path: layer.compute_dtype for layer, _ in placement.walk(reloaded)
+                          if isinstance(layer, keras.layers.LayerNormalization)}, norms)
+        self.assertEqual({layer.compute_dtype for layer, _ in placement.walk(reloaded)
+                          if isinstance(layer, keras.layers.EinsumDense)}, {"float16"})
+
+    def test_llama_whose_config_does_not_rebuild_is_named_in_one_line(self):
+        import keras_hub
+
+        with tfmp.policy_scope("float32"):
+            llama = keras_hub.models.LlamaBackbone(
+                vocabulary_size=100, num_layers=1, num_query_heads=2, num_key_value_heads=1,
+                hidden_dim=16, intermediate_dim=32)
+        with self.assertRaisesRegex(ValueError, r"^Layer '.*' \(keras_hub\..*\) cannot be "
+                                    r"rebuilt from its get_config\(\) \(AttributeError: "):
+            tfmp.apply_policy(llama, "mixed_float16")
+
