@@ -23,6 +23,14 @@ import os
 import numpy as np
 
 from tfmp import _checks, _tf
+from tfmp.datasets import (  # noqa: F401 (re-exported)
+    _SPECS,
+    DATASETS,
+    IMAGE_DATASETS,
+    TEXT_DATASETS,
+    _Spec,
+    validate_dataset_name,
+)
 
 tf = _tf.import_tensorflow('tfmp.data')
 
@@ -32,27 +40,6 @@ _TEMPLATE_SEED = 1234  # Class templates and marker tokens: the same for every s
 _GRID = 4  # Synthetic templates are 4x4 colour blocks, which survive crops and flips.
 _MARKERS_PER_CLASS = 8
 _CROP_PADDING = 32  # ImageNet eval centre crop keeps image_size / (image_size + 32).
-
-
-@dataclasses.dataclass(frozen=True)
-class _Spec:
-    kind: str  # "image" or "text".
-    num_classes: int
-    eval_split: str
-    tfds_name: str | None = None  # None: synthetic, in memory.
-    augment: str = "pad_crop"  # Images: "pad_crop" (CIFAR-style) or "resized_crop" (ImageNet).
-
-
-_SPECS = {
-    "synthetic": _Spec("image", 10, "test"),
-    "cifar10": _Spec("image", 10, "test", "cifar10"),
-    "imagenet2012": _Spec("image", 1000, "validation", "imagenet2012", "resized_crop"),
-    "synthetic_text": _Spec("text", 2, "test"),
-    "imdb_reviews": _Spec("text", 2, "test", "imdb_reviews"),
-}
-IMAGE_DATASETS = tuple(name for name, spec in _SPECS.items() if spec.kind == "image")
-TEXT_DATASETS = tuple(name for name, spec in _SPECS.items() if spec.kind == "text")
-DATASETS = IMAGE_DATASETS + TEXT_DATASETS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,31 +61,6 @@ class DatasetInfo:
     input_dtype: str
     train_split: str
     eval_split: str
-
-
-def validate_dataset_name(name: str, *, kind: str | None = None, argument: str = "dataset") -> str:
-    """Returns `name` if it is a known dataset (of `kind`, if given), else raises `ValueError`.
-
-    Args:
-        name: The dataset name to check.
-        kind: `"image"` or `"text"` to accept only that kind; `None` accepts both.
-        argument: The argument name to quote in the error message.
-
-    Returns:
-        `name`, unchanged.
-
-    Example:
-
-        >>> validate_dataset_name("cifar10", kind="image")
-        'cifar10'
-    """
-    allowed = {None: DATASETS, "image": IMAGE_DATASETS, "text": TEXT_DATASETS}[kind]
-    if name not in allowed:
-        what = {None: "a dataset", "image": "an image dataset", "text": "a text dataset"}[kind]
-        raise ValueError(
-            f"Unknown `{argument}`: {name!r}. Expected {what}, one of: {', '.join(allowed)}."
-        )
-    return name
 
 
 def _check_int(argument: str, value: int, minimum: int = 1) -> None:

@@ -21,22 +21,12 @@ import tempfile
 from collections.abc import Iterator
 
 from tfmp import _checks, _tf
+from tfmp.run_config import DISTRIBUTIONS, validate_distribution  # noqa: F401 (re-exported)
 
 tf = _tf.import_tensorflow('tfmp.distribute')
 
-DISTRIBUTIONS = ("none", "mirrored", "multi_worker")
 _TF_CONFIG_EXAMPLE = ('{"cluster": {"worker": ["host1:port", "host2:port"]}, '
                       '"task": {"type": "worker", "index": 0}}')
-
-
-def validate_distribution(distribution: str) -> str:
-    """Returns `distribution` if known, else raises `ValueError` listing the valid names."""
-    if distribution not in DISTRIBUTIONS:
-        raise ValueError(
-            f"Unknown `distribution`: {distribution!r}. Expected one of: "
-            f"{', '.join(DISTRIBUTIONS)}."
-        )
-    return distribution
 
 
 def configure_cpu_replicas(count: int) -> None:

@@ -28,10 +28,11 @@ import math
 import os
 from typing import Any
 
-from tfmp import _checks, _io, cli, distribute, optimizer_config, policies
+from tfmp import _checks, _io, cli, datasets, optimizer_config, policies
 from tfmp.optimizer_config import OptimizerConfig
 
 CONFIG_FILE = "config.json"
+DISTRIBUTIONS = ("none", "mirrored", "multi_worker")  # `tfmp.distribute` builds them
 LEGACY_RUN_FILE = "run.json"  # written by the recipes before config.json (model settings)
 JIT_COMPILE_CHOICES = ("auto", "true", "false")
 # The dataset kind each recipe trains on (another recipe: any dataset).
@@ -41,6 +42,16 @@ RECIPE_DATASETS = {"image_classification": "image", "text_classification": "text
 RESUME_FIXED = ("recipe", "policy", "dataset", "num_synthetic", "seed", "optimizer",
                 "momentum", "grad_accum_steps")
 _OPTIMIZER_FIELDS = tuple(f.name for f in dataclasses.fields(OptimizerConfig))
+
+
+def validate_distribution(distribution: str) -> str:
+    """Returns `distribution` if known, else raises `ValueError` listing the valid names."""
+    if distribution not in DISTRIBUTIONS:
+        raise ValueError(
+            f"Unknown `distribution`: {distribution!r}. Expected one of: "
+            f"{', '.join(DISTRIBUTIONS)}."
+        )
+    return distribution
 
 
 class ConfigMismatchError(ValueError):
@@ -141,13 +152,11 @@ class RunConfig:
 
     def validate(self) -> None:
         """Raises `ValueError` naming the first bad setting, its value and what is allowed."""
-        from tfmp import data  # dataset names only; TensorFlow loads on first use there
-
         _checks.check(isinstance(self.recipe, str) and bool(self.recipe), "recipe",
                       self.recipe, "a recipe's name")
         policies.validate_policy_name(self.policy)
         parse_loss_scale(self.loss_scale)
-        data.validate_dataset_name(self.dataset, kind=RECIPE_DATASETS.get(self.recipe))
+        datasets.validate_dataset_name(self.dataset, kind=RECIPE_DATASETS.get(self.recipe))
         _checks.integer("batch_size", self.batch_size)
         _checks.integer("epochs", self.epochs)
         _checks.integer("steps_per_epoch", self.steps_per_epoch, allow_none=True)
@@ -165,7 +174,7 @@ class RunConfig:
                 f"{-(-self.steps_per_epoch // self.steps_per_execution) * self.steps_per_execution}"
                 f" steps). Received: steps_per_epoch={self.steps_per_epoch}, "
                 f"steps_per_execution={self.steps_per_execution}")
-        distribute.validate_distribution(self.distribution)
+        validate_distribution(self.distribution)
         _checks.integer("cpu_replicas", self.cpu_replicas)
         for name in ("data_dir", "model_dir", "export_dir"):
             value = getattr(self, name)
@@ -264,7 +273,7 @@ FLAGS = {
                     "GPUs, not on CPUs nor under tf.distribute), true or false."),
     "steps_per_execution": (int, "Train steps per call into the device (Keras' "
                             "steps_per_execution; a divisor of --steps_per_epoch)."),
-    "distribution": (str, f"One of: {_choices(distribute.DISTRIBUTIONS)}."),
+    "distribution": (str, f"One of: {_choices(DISTRIBUTIONS)}."),
     "cpu_replicas": (int, "Logical CPUs for --distribution=mirrored without GPUs."),
     "model_dir": (str, "Run directory: checkpoints (resumed from), TensorBoard logs, "
                   "config.json, model.keras."),
