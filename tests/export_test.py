@@ -157,13 +157,11 @@ class ExportTest(TestCase):
         self.assertEqual(len(reloaded.variables), len(model.variables))
         self.assertAllClose(reloaded.serve(x), keras.ops.cast(model(x), "float32"), **_F16_TOL)
 
-    @parameterized.named_parameters(("float32_weights", "float32"),
-                                    ("float16_weights", "float16"))
-    def test_loads_in_a_fresh_process_with_tensorflow_alone(self, weights_dtype):
+    def test_loads_in_a_fresh_process_with_tensorflow_alone(self):
         model = _two_in_two_out()
         tmp = self._tmp()
         path = export.export_saved_model(model, os.path.join(tmp, "m"),
-                                         weights_dtype=weights_dtype)
+                                         weights_dtype="float16")  # float32's: the same code
         x = _two_in_inputs()
         np.savez(os.path.join(tmp, "in.npz"), **x)
         snippet = textwrap.dedent("""
