@@ -41,10 +41,6 @@ from tfmp import _checks
 from tfmp.callbacks import LossScaleError
 
 
-def _read(value) -> float:
-    return float(np.asarray(ops.convert_to_numpy(value)).item())
-
-
 def _first_batch(probe_data):
     """`(x, y)` from a batch tuple, an `x` alone, or the first element of a dataset."""
     if hasattr(probe_data, "take") and hasattr(probe_data, "element_spec"):  # tf.data
@@ -194,15 +190,16 @@ class PrecisionGuard(keras.callbacks.Callback):
         self._check(opt)
 
     def _check(self, opt) -> None:
-        consecutive = int(_read(opt.consecutive_skipped_steps))
-        nonfinite = int(_read(opt.nonfinite_loss_steps))
+        stats = opt.stats()  # the counters as Python numbers
+        nonfinite = stats["nonfinite_loss_steps"]
         bad_loss, self._nonfinite_loss_at_check = (nonfinite > self._nonfinite_loss_at_check,
                                                    nonfinite)
-        if consecutive < self.patience or self._fit_switches >= self.max_switches:
+        if (stats["consecutive_skipped_steps"] < self.patience
+                or self._fit_switches >= self.max_switches):
             return
-        if not (bad_loss or _read(opt.loss_scale) <= self.low_scale):
+        if not (bad_loss or stats["loss_scale"] <= self.low_scale):
             return
-        self._switch(opt, step=int(_read(opt.iterations)) + int(_read(opt.skipped_steps)))
+        self._switch(opt, step=stats["iterations"] + stats["skipped_steps"])
 
     def _switch(self, opt, step: int) -> None:
         if self.probe_data is None:
